@@ -1,0 +1,46 @@
+"""Building blocks shared by the networks: normalisation, attention and the timestep embedding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype, as the original LDM code does.
+
+    Half-precision statistics over large feature maps lose too much; the cast is cheap next to the convs.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+def group_norm(channels: int, groups: int = 32, eps: float = 1e-5) -> GroupNorm32:
+    return GroupNorm32(groups, channels, eps=eps)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
+    """Multi-head attention over (B, N, C) projections with scaled_dot_product_attention."""
+    b, n, c = q.shape
+    q, k, v = (t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return out.transpose(1, 2).reshape(b, n, c)  # (B, N, C)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps as in LDM's openaimodel: cosines first, then sines."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb

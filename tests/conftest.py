@@ -1,0 +1,124 @@
+"""Tiny model configurations, random-weight checkpoints and the reference conversion, shared by tests."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sdcli.families import CLIP_PREFIX, SD1, UNET_PREFIX, VAE_PREFIX, ClipConfig, Family, UNetConfig, VAEConfig  # noqa: E402
+from sdcli.models.clip import ClipTextModel  # noqa: E402
+from sdcli.models.unet import UNetModel  # noqa: E402
+from sdcli.models.vae import AutoencoderKL  # noqa: E402
+
+# Two sizes of each network that differ in width, heads, depth and attention levels.
+TINY_UNETS = {
+    "a": UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        transformer_depth=(1, 0),
+        num_heads=2,
+        context_dim=32,
+    ),
+    "b": UNetConfig(
+        in_channels=9,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        transformer_depth=(1, 2, 0),
+        transformer_depth_middle=2,
+        num_heads=4,
+        context_dim=48,
+    ),
+    "linear": UNetConfig(
+        model_channels=64,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        transformer_depth=(1, 1),
+        num_head_channels=16,
+        context_dim=32,
+        use_linear_in_transformer=True,
+    ),
+}
+TINY_VAES = {
+    "a": VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    "b": VAEConfig(ch=64, ch_mult=(1, 1, 2), num_res_blocks=2),
+}
+TINY_CLIPS = {
+    "a": ClipConfig(
+        vocab_size=1000,
+        max_position_embeddings=77,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    ),
+    "b": ClipConfig(
+        vocab_size=500,
+        max_position_embeddings=16,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        hidden_act="gelu",
+    ),
+}
+# A whole SD 1.x-shaped model small enough for end-to-end tests. The real vocabulary size lets real
+# token ids through; the CLIP width is 128 so detection's 64-wide-head rule gives 2 heads; the UNet keeps
+# SD 1.x's 8 heads.
+TINY_SD1 = Family(
+    "sd1",
+    unet=UNetConfig(
+        model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 0), num_heads=8, context_dim=128
+    ),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
+    clip=ClipConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
+)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter random values, norm scales and biases included, so no layer is an identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim > 1:
+                p.copy_(noise / (p[0].numel() ** 0.5))  # keeps activations near unit scale
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * noise)
+            else:
+                p.copy_(0.1 * noise)
+    return module.eval()
+
+
+def tiny_state_dict(family: Family, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A full checkpoint in the original single-file layout, with random weights."""
+    parts = (
+        (UNET_PREFIX, randomize_(UNetModel(family.unet), seed)),
+        (VAE_PREFIX, randomize_(AutoencoderKL(family.vae), seed + 1)),
+        (CLIP_PREFIX, randomize_(ClipTextModel(family.clip), seed + 2)),
+    )
+    return {prefix + k: v.contiguous() for prefix, m in parts for k, v in m.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A tiny SD 1.x checkpoint file (fp32) with the extras real files carry."""
+    from safetensors.torch import save_file
+
+    sd = tiny_state_dict(TINY_SD1)
+    sd[CLIP_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    sd["alphas_cumprod"] = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64)
+    sd["model_ema.num_updates"] = torch.tensor(0)
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-sd1.safetensors"
+    save_file(sd, str(path))
+    return str(path)
+
+
+SD1 = SD1  # re-exported for tests that compare against the full-size family

@@ -1,0 +1,108 @@
+"""The reference side of parity tests: diffusers' own single-file conversion and diffusers/transformers models.
+
+Our modules' state dicts (original layout) go through `diffusers.loaders.single_file_utils`, exactly as
+diffusers converts a user's checkpoint, and load strictly into the reference models.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders import single_file_utils as sfu
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdcli.families import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, ClipConfig, UNetConfig, VAEConfig
+
+
+def ldm_original_config(unet: UNetConfig, vae: VAEConfig) -> dict:
+    """The parts of an LDM yaml config (v1-inference.yaml shape) that diffusers' converters read."""
+    levels = len(unet.channel_mult)
+    unet_params = {
+        "in_channels": unet.in_channels,
+        "out_channels": unet.out_channels,
+        "model_channels": unet.model_channels,
+        "channel_mult": list(unet.channel_mult),
+        "num_res_blocks": unet.num_res_blocks,
+        "attention_resolutions": [2**i for i in range(levels) if unet.transformer_depth[i]],
+        # diffusers gives the middle block the last level's depth; levels without attention ignore theirs.
+        "transformer_depth": [d or unet.transformer_depth_middle for d in unet.transformer_depth],
+        "context_dim": unet.context_dim,
+        "use_linear_in_transformer": unet.use_linear_in_transformer,
+    }
+    if unet.num_head_channels > 0:
+        unet_params["num_head_channels"] = unet.num_head_channels
+    else:
+        unet_params["num_heads"] = unet.num_heads
+    assert unet_params["transformer_depth"][-1] == unet.transformer_depth_middle, "diffusers cannot express this"
+    ddconfig = {
+        "in_channels": vae.in_channels,
+        "out_ch": vae.out_ch,
+        "ch": vae.ch,
+        "ch_mult": list(vae.ch_mult),
+        "num_res_blocks": vae.num_res_blocks,
+        "z_channels": vae.z_channels,
+    }
+    return {
+        "model": {
+            "params": {
+                "unet_config": {"params": unet_params},
+                "first_stage_config": {"params": {"embed_dim": vae.embed_dim, "ddconfig": ddconfig}},
+            }
+        }
+    }
+
+
+def _prefixed(state_dict: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in state_dict.items()}
+
+
+def reference_unet(state_dict: dict, unet: UNetConfig, vae: VAEConfig, device: str = "cpu") -> UNet2DConditionModel:
+    """diffusers' UNet holding our UNet's weights (`state_dict` without prefix), loaded strictly."""
+    checkpoint = _prefixed(state_dict, UNET_PREFIX)
+    config = sfu.create_unet_diffusers_config_from_ldm(ldm_original_config(unet, vae), checkpoint)
+    converted = sfu.convert_ldm_unet_checkpoint(checkpoint, config)
+    with torch.device(device):
+        model = UNet2DConditionModel(**config)
+    model.load_state_dict(converted, strict=True, assign=device == "meta")
+    return model.eval()
+
+
+def reference_vae(state_dict: dict, unet: UNetConfig, vae: VAEConfig, device: str = "cpu") -> AutoencoderKL:
+    checkpoint = _prefixed(state_dict, VAE_PREFIX)
+    config = sfu.create_vae_diffusers_config_from_ldm(ldm_original_config(unet, vae), checkpoint)
+    converted = sfu.convert_ldm_vae_checkpoint(checkpoint, config)
+    with torch.device(device):
+        model = AutoencoderKL(**config)
+    model.load_state_dict(converted, strict=True, assign=device == "meta")
+    return model.eval()
+
+
+def reference_clip(state_dict: dict, clip: ClipConfig, device: str = "cpu") -> CLIPTextModel:
+    converted = sfu.convert_ldm_clip_checkpoint(_prefixed(state_dict, CLIP_PREFIX))
+    # transformers 5 dropped the `text_model.` level and the position_ids buffer from CLIPTextModel.
+    converted = {k.removeprefix("text_model."): v for k, v in converted.items() if not k.endswith("position_ids")}
+    config = CLIPTextConfig(
+        vocab_size=clip.vocab_size,
+        hidden_size=clip.hidden_size,
+        intermediate_size=clip.intermediate_size,
+        num_hidden_layers=clip.num_hidden_layers,
+        num_attention_heads=clip.num_attention_heads,
+        max_position_embeddings=clip.max_position_embeddings,
+        hidden_act=clip.hidden_act,
+        layer_norm_eps=clip.layer_norm_eps,
+        bos_token_id=0,
+        eos_token_id=min(49407, clip.vocab_size - 1),
+        pad_token_id=1,
+    )
+    with torch.device(device):
+        model = CLIPTextModel(config)
+    model.load_state_dict(converted, strict=True, assign=device == "meta")
+    return model.eval()
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4) -> None:
+    """Outputs agree within `rtol` of the reference output's largest magnitude."""
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    scale = ref.abs().max().item()
+    err = (ours - ref).abs().max().item()
+    assert err <= rtol * scale, f"max abs error {err:.3g} exceeds {rtol} x {scale:.3g}"
