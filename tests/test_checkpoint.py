@@ -1,0 +1,115 @@
+"""Loading single-file checkpoints: dtypes, extras real files carry, and a clear error for each bad file."""
+
+import pytest
+import torch
+from conftest import TINY_SD1, tiny_state_dict
+from safetensors.torch import save_file
+
+from sdcli.checkpoint import load_model, read_header
+from sdcli.errors import CheckpointError
+from sdcli.families import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, detect
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def write(tmp_path, state_dict, name="model.safetensors"):
+    path = tmp_path / name
+    save_file(state_dict, str(path))
+    return path
+
+
+def test_detect_reads_tiny_family_from_shapes(tiny_checkpoint):
+    shapes = {k: v.shape for k, v in read_header(tiny_checkpoint).items()}
+    assert detect(shapes) == TINY_SD1
+
+
+def test_load_ignores_extras_and_holds_the_file_weights(tiny_checkpoint):
+    model = load_model(tiny_checkpoint)
+    sd = tiny_state_dict(TINY_SD1)
+    for prefix, module in ((UNET_PREFIX, model.unet), (VAE_PREFIX, model.vae), (CLIP_PREFIX, model.text_encoder)):
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, sd[prefix + k]), prefix + k
+    assert model.family == TINY_SD1
+    assert not any(p.requires_grad for p in model.unet.parameters())
+
+
+@pytest.mark.parametrize("file_dtype", sorted(DTYPES))
+@pytest.mark.parametrize("model_dtype", sorted(DTYPES))
+def test_load_casts_any_file_dtype_to_any_model_dtype(tmp_path, file_dtype, model_dtype):
+    sd = tiny_state_dict(TINY_SD1)
+    # Real files mix dtypes: half-precision weights next to int64 and fp64 buffers.
+    stored = {k: v.to(DTYPES[file_dtype]) for k, v in sd.items()}
+    stored[CLIP_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    stored["betas"] = torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64)
+    model = load_model(write(tmp_path, stored), dtype=DTYPES[model_dtype])
+    for module in (model.unet, model.vae, model.text_encoder):
+        assert {p.dtype for p in module.parameters()} == {DTYPES[model_dtype]}
+    key = "input_blocks.1.0.in_layers.2.weight"
+    expected = sd[UNET_PREFIX + key].to(DTYPES[file_dtype]).to(DTYPES[model_dtype])
+    assert torch.equal(model.unet.state_dict()[key], expected)
+    with torch.no_grad():
+        out = model.unet(
+            torch.randn(1, 4, 8, 8, dtype=DTYPES[model_dtype]),
+            torch.tensor([10.0]),
+            torch.randn(1, 77, 128, dtype=DTYPES[model_dtype]),
+        )
+    assert out.dtype == DTYPES[model_dtype] and torch.isfinite(out).all()
+
+
+def test_missing_key_names_file_component_and_key(tmp_path):
+    sd = tiny_state_dict(TINY_SD1)
+    del sd[VAE_PREFIX + "decoder.conv_out.bias"]
+    path = write(tmp_path, sd)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: AutoencoderKL: missing first_stage_model\.decoder"):
+        load_model(path)
+
+
+def test_wrong_shape_is_reported_with_both_shapes(tmp_path):
+    sd = tiny_state_dict(TINY_SD1)
+    sd[UNET_PREFIX + "time_embed.2.bias"] = torch.zeros(7)
+    with pytest.raises(CheckpointError, match=r"UNetModel: wrong shape for .*time_embed\.2\.bias \(7,\) \(expected"):
+        load_model(write(tmp_path, sd))
+
+
+def test_truncated_file_is_reported(tmp_path, tiny_checkpoint):
+    data = open(tiny_checkpoint, "rb").read()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
+def test_pickle_suffix_is_refused_without_opening(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"\x80\x04 not even read")
+    with pytest.raises(CheckpointError, match="pickle.*never"):
+        load_model(path)
+
+
+def test_pickle_content_under_safetensors_name_is_refused(tmp_path):
+    path = tmp_path / "renamed.safetensors"
+    torch.save({"a": torch.zeros(1)}, path)  # a zip container holding a pickle
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_model(path)
+
+
+def test_text_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.safetensors"
+    path.write_text("these are not weights\n" * 10)
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_model(path)
+
+
+def test_missing_file_says_what_to_do(tmp_path):
+    with pytest.raises(CheckpointError, match="no such model file.*sdcli download"):
+        load_model(tmp_path / "absent.safetensors")
+
+
+def test_other_families_are_named_in_the_error():
+    with pytest.raises(CheckpointError, match="SDXL"):
+        detect({UNET_PREFIX + "input_blocks.0.0.weight": (320, 4, 3, 3), "conditioner.embedders.0.x": (1,)})
+    with pytest.raises(CheckpointError, match="SD 2"):
+        detect({UNET_PREFIX + "input_blocks.0.0.weight": (320, 4, 3, 3), "cond_stage_model.model.x": (1,)})
+    with pytest.raises(CheckpointError, match="no Stable Diffusion UNet"):
+        detect({"encoder.weight": (3,)})
