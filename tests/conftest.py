@@ -106,6 +106,20 @@ def tiny_state_dict(family: Family, seed: int = 0) -> dict[str, torch.Tensor]:
     return {prefix + k: v.contiguous() for prefix, m in parts for k, v in m.state_dict().items()}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_sdcli_dirs(tmp_path_factory):
+    """Hash cache and weights directory under pytest's temporary folder, never the user's."""
+    saved = {k: os.environ.get(k) for k in ("SDCLI_CACHE_DIR", "SDCLI_WEIGHTS_DIR")}
+    os.environ["SDCLI_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["SDCLI_WEIGHTS_DIR"] = str(tmp_path_factory.mktemp("weights"))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
     """A tiny SD 1.x checkpoint file (fp32) with the extras real files carry."""

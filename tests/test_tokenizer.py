@@ -96,9 +96,7 @@ def test_vocab_entries_match_published_clip_vocabulary(token: str, token_id: int
         ("a photo of a dog", [49406, 320, 1125, 539, 320, 1929, 49407]),
     ],
 )
-def test_known_prompts_give_published_clip_ids(
-    clip_tokenizer: ClipTokenizer, prompt: str, expected: list[int]
-):
+def test_known_prompts_give_published_clip_ids(clip_tokenizer: ClipTokenizer, prompt: str, expected: list[int]):
     assert clip_tokenizer.encode([prompt]) == [expected]
 
 

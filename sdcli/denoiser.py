@@ -1,0 +1,67 @@
+"""From a noise-predicting UNet to the denoiser samplers walk, with classifier-free guidance.
+
+Sigma samplers see `D(x, sigma) -> x0` (k-diffusion's contract); timestep samplers (DDIM, DDPM) see
+`eps(x, t)`. Both are built here from the same guided UNet call, so the conditional and unconditional
+inputs always go through the UNet in one batch, and cfg 1 skips the unconditional half.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sdcli.schedules import sigma_to_t, sigmas_from_alphas_cumprod
+
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def guided_unet(unet: UNetFn, cond: torch.Tensor, uncond: torch.Tensor | None, cfg: float) -> Callable:
+    """The UNet with classifier-free guidance folded in: `(x, t) -> output` for a batch of images.
+
+    `cond` and `uncond` are text embeddings (B, T, D). The prediction is uncond + cfg * (cond - uncond),
+    which for eps and for v alike is linear, so guidance in eps, v or x0 space gives the same result.
+    """
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if uncond is None or cfg == 1.0:
+            return unet(x, t, cond)
+        out_uncond, out_cond = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+        return out_uncond + cfg * (out_cond - out_uncond)
+
+    return predict
+
+
+class DiscreteDenoiser:
+    """k-diffusion's CompVisDenoiser / CompVisVDenoiser: a model trained on 1000 discrete steps as `D(x, sigma)`.
+
+    Sampling runs in float32; the model callable casts to and from its own dtype. The input is scaled to
+    unit variance, sigma is mapped to a (fractional) training step by log-sigma
+    interpolation, and the model's eps (or v) prediction is turned into the denoised image x0.
+    """
+
+    def __init__(self, model: Callable, alphas_cumprod: torch.Tensor, prediction: str = "eps"):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction type {prediction!r}")
+        self.model = model
+        self.prediction = prediction
+        self.sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
+
+    @property
+    def sigma_min(self) -> float:
+        return self.sigmas[0].item()
+
+    @property
+    def sigma_max(self) -> float:
+        return self.sigmas[-1].item()
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.to(torch.float32)
+        t = sigma_to_t(sigma, self.sigmas.to(sigma.device))
+        s = sigma.view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
+        c_in = (s**2 + 1) ** -0.5
+        out = self.model(x * c_in, t)
+        if self.prediction == "eps":
+            return x - s * out
+        # v-prediction (sigma_data 1): x0 = c_skip * x + c_out * v
+        return x / (s**2 + 1) - out * s * c_in

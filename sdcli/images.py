@@ -1,0 +1,404 @@
+"""Images in and out: PIL <-> tensors, loading inputs and masks, resizing, and atomic PNG writing with
+AUTOMATIC1111's ``parameters`` text chunk (its "infotext"), which most SD tools read and write.
+
+torch and numpy are imported inside the functions that need them, so importing this module (and therefore
+``sdcli --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from PIL import Image, ImageOps, PngImagePlugin
+
+from sdcli.errors import ImageError, SdcliError
+
+if TYPE_CHECKING:
+    import torch
+
+ResizeMode = Literal["crop", "fit", "stretch"]
+
+# Same pattern as A1111's modules/infotext_utils.py: a key (word char, then word chars, spaces, '-' or '/'),
+# a colon, then either a JSON-quoted string or anything up to the next comma.
+_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_KEY_RE = re.compile(r"\w[\w \-/]+")
+_NEGATIVE_PREFIX = "Negative prompt:"
+# A1111 only treats the last line as the parameters line when the pattern matches at least this often,
+# so a prompt that happens to contain one "word: word" is not mistaken for parameters.
+_MIN_PARAMS_ON_LAST_LINE = 3
+_MAX_NAME_ATTEMPTS = 100_000
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tensors <-> PIL
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Convert decoded images ``(B, 3, H, W)`` in [-1, 1] to RGB PIL images (``(B, 1, H, W)`` gives "L").
+
+    Bit-for-bit the same as diffusers' ``VaeImageProcessor().postprocess(x, output_type="pil")`` for float32
+    input: ``(x * 0.5 + 0.5).clamp(0, 1)``, then ``* 255``, round half to even (numpy's ``round``), uint8.
+    The arithmetic is always float32 on the CPU, whatever the input's dtype and device (diffusers denormalizes
+    in the input dtype, so fp16/bf16 input can differ from it by one level). NaN pixels, which an fp16 VAE can
+    produce on overflow, become 0 (black) instead of an undefined cast.
+    """
+    import numpy as np
+    import torch
+
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape (B, 3, H, W) or (B, 1, H, W), got {tuple(images.shape)}")
+    x = images.detach().to(device="cpu", dtype=torch.float32)
+    x = (x * 0.5 + 0.5).clamp(0, 1).nan_to_num(nan=0.0)
+    # diffusers goes to numpy before scaling; doing the same keeps the float32 rounding identical.
+    array = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    if array.shape[-1] == 1:
+        return [Image.fromarray(a[..., 0], mode="L") for a in array]
+    return [Image.fromarray(a) for a in array]
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """Convert a PIL image to a float32 tensor ``(1, 3, H, W)`` in [-1, 1], as diffusers' preprocess does
+    (``/ 255`` in float32, then ``2 * x - 1``). Non-RGB images are converted to RGB first."""
+    import numpy as np
+    import torch
+
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()  # (1, 3, H, W)
+    return 2.0 * tensor - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading images and masks
+
+
+def _open_upright(path: Path | str, what: str) -> Image.Image:
+    """Open and fully decode an image file, with its EXIF orientation applied; ImageError if that fails."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{what} not found: {path}; check the path")
+    if path.is_dir():
+        raise ImageError(f"{what} is a directory, not an image: {path}; pass an image file such as a PNG or JPEG")
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now, so a truncated file fails here and not later in the pipeline
+            # Phone photos are stored sideways with an EXIF tag saying how to turn them; the model must see
+            # them the way a viewer shows them.
+            return ImageOps.exif_transpose(opened)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ImageError(
+            f"cannot read {what} {path}: {reason}; pass an image file Pillow can read (PNG, JPEG, WebP, ...)"
+        ) from error
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def _sixteen_bit_to_8(image: Image.Image) -> Image.Image:
+    # Pillow's convert() clips 16-bit greyscale at 255 (almost everything turns white); scale it instead.
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return image.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    return image
+
+
+def load_image(path: Path | str) -> Image.Image:
+    """Load any image Pillow reads as RGB: EXIF orientation applied, transparent pixels composited on white.
+
+    Raises ImageError, with a one-line message naming the file, when it is missing or not a readable image.
+    """
+    image = _sixteen_bit_to_8(_open_upright(path, "image"))
+    if _has_alpha(image):
+        # White, not black: transparent areas are usually "background", and A1111 flattens onto white too.
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_mask(path: Path | str) -> Image.Image:
+    """Load an inpainting mask as an "L" image where 255 (white) means repaint and 0 means keep.
+
+    As A1111's ``create_binary_mask``: a mask with an alpha channel that is not fully opaque uses the alpha
+    channel (opaque = repaint, the way a brush stroke on a transparent layer looks); any other mask uses its
+    luminance. An all-opaque alpha channel carries no information, so such a mask falls back to luminance.
+    Values in between are kept; thresholding or blurring is the pipeline's choice.
+    """
+    image = _sixteen_bit_to_8(_open_upright(path, "mask"))
+    if _has_alpha(image):
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return alpha
+    return image.convert("L")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resizing
+
+
+def size_multiple_of_8(width: int, height: int) -> tuple[int, int]:
+    """Round a size down to multiples of 8, the VAE's downsampling factor."""
+    return width // 8 * 8, height // 8 * 8
+
+
+def resize_to(image: Image.Image, width: int, height: int, mode: ResizeMode = "crop") -> Image.Image:
+    """Resize an image to exactly ``width`` x ``height`` with LANCZOS, keeping its mode.
+
+    - ``"crop"``: scale to cover the target, then centre-crop (A1111 "Crop and resize"; diffusers "crop").
+    - ``"fit"``: scale to fit inside the target, centre it, and fill the bands on either side by stretching
+      the image's outermost rows or columns outward (A1111 "Resize and fill"; diffusers "fill"). The fill
+      uses A1111's own construction, so it matches A1111 and diffusers pixel for pixel, except that the far
+      band is sized to the real remainder: A1111 sizes both bands alike, which leaves a one-pixel black line
+      when the target side is odd and the scaled side even.
+    - ``"stretch"``: plain resize, ignoring the aspect ratio (A1111 "Just resize").
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"target size must be positive, got {width}x{height}")
+    if mode == "stretch":
+        return image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    if mode not in ("crop", "fit"):
+        raise ValueError(f"unknown resize mode {mode!r}; expected 'crop', 'fit' or 'stretch'")
+
+    ratio = width / height
+    src_ratio = image.width / image.height
+    # Integer arithmetic exactly as A1111 does it, so sizes (and hence pixels) agree with it.
+    if mode == "crop":
+        src_w = width if ratio > src_ratio else image.width * height // image.height
+        src_h = height if ratio <= src_ratio else image.height * width // image.width
+    else:
+        src_w = width if ratio < src_ratio else image.width * height // image.height
+        src_h = height if ratio >= src_ratio else image.height * width // image.width
+    resized = image.resize((src_w, src_h), resample=Image.Resampling.LANCZOS)
+    canvas = Image.new(image.mode, (width, height))
+    left, top = width // 2 - src_w // 2, height // 2 - src_h // 2
+    canvas.paste(resized, box=(left, top))
+    if mode == "crop":
+        return canvas
+
+    # Resizing a zero-height (or zero-width) box at the edge stretches the edge pixels outward. Pillow's
+    # default filter here (bicubic) blends the few outermost rows, exactly as A1111's code does.
+    bottom = height - top - src_h
+    right = width - left - src_w
+    if top > 0:
+        canvas.paste(resized.resize((width, top), box=(0, 0, width, 0)), box=(0, 0))
+    if bottom > 0:
+        edge = (0, resized.height, width, resized.height)
+        canvas.paste(resized.resize((width, bottom), box=edge), box=(0, top + src_h))
+    if left > 0:
+        canvas.paste(resized.resize((left, height), box=(0, 0, 0, height)), box=(0, 0))
+    if right > 0:
+        edge = (resized.width, 0, resized.width, height)
+        canvas.paste(resized.resize((right, height), box=edge), box=(left + src_w, 0))
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing PNGs
+
+
+def _png_info(parameters: str | None) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        # As A1111 (modules/images.py): add_text writes tEXt when the text is latin-1 and switches to an
+        # uncompressed UTF-8 iTXt chunk otherwise, so non-latin-1 prompts survive and readers see a str.
+        info.add_text("parameters", parameters)
+    return info
+
+
+def _create_temporary(directory: Path, name: str) -> tuple[int, Path]:
+    # Not mkstemp: it creates files with mode 0600, and the renamed image would keep that. os.open with
+    # 0o666 lets the umask decide, as for any file the user creates.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        temporary = directory / f".{name[:100]}.{secrets.token_hex(6)}.tmp"  # stays under NAME_MAX
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue
+
+
+def _numbered(path: Path, number: int) -> Path:
+    return path if number == 0 else path.with_name(f"{path.stem}-{number}{path.suffix}")
+
+
+def _claim_name(temporary: Path, target: Path) -> Path:
+    """Give ``temporary`` the first free name among target, target-1, target-2, ... without ever replacing a
+    file: a hard link fails with FileExistsError when the name is taken, atomically, so two processes saving
+    under the same name at once both keep their image."""
+    for number in range(_MAX_NAME_ATTEMPTS):
+        candidate = _numbered(target, number)
+        try:
+            os.link(temporary, candidate)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                raise
+        # This filesystem has no hard links (FAT, some network shares): claim the name with an exclusive
+        # create, then move the finished file over the empty placeholder.
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        os.replace(temporary, candidate)
+        return candidate
+    raise SdcliError(f"cannot find a free file name like {target}; choose another output name")
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on Windows or on some filesystems, where it is skipped.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_png(image: Image.Image, path: Path | str, parameters: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``image`` as a PNG at ``path`` with an optional A1111 ``parameters`` chunk; return the path written.
+
+    The file is written to a hidden temporary file in the same directory, fsynced, then renamed into place,
+    so a reader never sees a half-written image. Without ``overwrite`` an existing file is never replaced: the
+    first free name of ``name.png``, ``name-1.png``, ``name-2.png``, ... is claimed atomically. With
+    ``overwrite`` the file is replaced atomically. The temporary file is removed whatever happens. The same
+    image and parameters always give the same bytes (no timestamps). Missing parent directories are created.
+    Raises SdcliError when the file cannot be written.
+    """
+    path = Path(path)
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, temporary = _create_temporary(directory, path.name)
+    except OSError as error:
+        raise SdcliError(f"cannot write {path}: {error.strerror or error}; check the output directory") from error
+    try:
+        with os.fdopen(fd, "wb") as file:
+            image.save(file, format="PNG", pnginfo=_png_info(parameters))
+            file.flush()
+            os.fsync(file.fileno())
+        if overwrite:
+            os.replace(temporary, path)
+            written = path
+        else:
+            written = _claim_name(temporary, path)
+    except OSError as error:
+        raise SdcliError(f"cannot write {path}: {error.strerror or error}; check the disk and permissions") from error
+    finally:
+        # After a hard link or on failure the temporary name still exists; after a rename it is already gone.
+        temporary.unlink(missing_ok=True)
+    _fsync_directory(directory)
+    return written
+
+
+def read_png_parameters(path: Path | str) -> str | None:
+    """Return the ``parameters`` text stored in an image (A1111's PNG chunk), or None when there is none.
+
+    Raises ImageError when the file is missing or not an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}; check the path")
+    try:
+        with Image.open(path) as image:
+            # PNG ``text`` also reads text chunks stored after the image data; ``info`` covers other formats.
+            text = getattr(image, "text", None) or image.info
+            value = text.get("parameters")
+    except (OSError, ValueError, SyntaxError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ImageError(f"cannot read image {path}: {reason}; pass a PNG written by sdcli or A1111") from error
+    return None if value is None else str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Infotext: A1111's "parameters" text
+
+
+def _quote(value: str) -> str:
+    """Quote a parameter value as A1111's ``quote()`` does: JSON (non-ASCII kept) when it contains a comma,
+    a newline or a colon. Also quoted here, where A1111 would lose or change the value when reading it back:
+    a value starting with a double quote (A1111 would unquote it), one with surrounding whitespace (the
+    parser strips it) and one containing a carriage return. A1111 reads all of these correctly."""
+    if any(c in value for c in ",:\n\r") or value.startswith('"') or value != value.strip():
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def _unquote(value: str) -> str:
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        return value  # as A1111: a value that only looks quoted is kept as written
+    return decoded if isinstance(decoded, str) else value
+
+
+def format_infotext(prompt: str, negative: str, params: dict[str, object]) -> str:
+    """Build A1111's infotext: the prompt (may span lines), ``Negative prompt: ...`` when ``negative`` is
+    non-empty, then one line ``Key: value, Key: value, ...`` in the dict's order.
+
+    Values are written with ``str()`` and quoted where needed (see ``_quote``); None values are left out, as
+    A1111 does. Keys must match A1111's key pattern (at least two characters: letters, digits, ``_``, space,
+    ``-``, ``/``, starting with a letter, digit or ``_``). A1111 only recognizes a last line with at least
+    three ``key: value`` pairs as parameters, so pass at least three.
+    """
+    pairs = []
+    for key, value in params.items():
+        if value is None:
+            continue
+        if not _KEY_RE.fullmatch(key) or key != key.strip():
+            raise ValueError(f"infotext key {key!r} does not match A1111's key pattern")
+        pairs.append(f"{key}: {_quote(str(value))}")
+    negative_line = f"\n{_NEGATIVE_PREFIX} {negative}" if negative else ""
+    # Same assembly (and final strip) as A1111's create_infotext.
+    return f"{prompt}{negative_line}\n{', '.join(pairs)}".strip()
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """Split A1111 infotext into (prompt, negative prompt, parameters), as A1111's
+    ``parse_generation_parameters`` does.
+
+    The last line holds the parameters only when A1111's ``key: value`` pattern matches it at least three
+    times; otherwise it belongs to the prompt. Lines from the first ``Negative prompt:`` line up to the
+    parameters line are the negative prompt. Each prompt line is stripped, as A1111 does. Parameter values
+    are returned as strings, JSON-unquoted; unlike A1111 no defaults are added, ``Size`` is not split into
+    ``Size-1``/``Size-2``, and an empty value is kept as "" instead of being dropped.
+    """
+    *lines, last_line = text.strip().split("\n")
+    if len(_PARAM_RE.findall(last_line)) < _MIN_PARAMS_ON_LAST_LINE:
+        lines.append(last_line)
+        last_line = ""
+
+    prompt = ""
+    negative = ""
+    in_negative = False
+    for raw_line in lines:
+        line = raw_line.strip()
+        if line.startswith(_NEGATIVE_PREFIX):
+            in_negative = True
+            line = line[len(_NEGATIVE_PREFIX) :].strip()
+        # A1111 joins with "\n" only once the text is non-empty, so leading empty lines vanish; kept so that
+        # "Negative prompt:" alone on its line followed by the text parses as A1111 parses it.
+        if in_negative:
+            negative += ("\n" if negative else "") + line
+        else:
+            prompt += ("\n" if prompt else "") + line
+
+    params = {key: _unquote(value) for key, value in _PARAM_RE.findall(last_line)}
+    return prompt, negative, params

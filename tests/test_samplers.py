@@ -1,0 +1,304 @@
+"""Samplers equal k-diffusion's (sigma samplers) and diffusers' schedulers (DDIM, DDPM) given the same
+model, grid and noise; the registry resolves our names and A1111's."""
+
+import inspect
+import math
+
+import pytest
+import scipy.integrate
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from kdiffusion_ref import load
+
+from sdcli import samplers
+from sdcli.errors import UsageError
+from sdcli.samplers import SAMPLERS, SamplerSpec, lms_coefficient, resolve_sampler
+from sdcli.schedules import alphas_cumprod_sd, ddim_timesteps, make_sigmas, sigmas_from_alphas_cumprod
+
+SHAPE = (2, 4, 6, 6)
+FEATURES = math.prod(SHAPE[1:])
+SD_SCHEDULER_CONFIG = dict(
+    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False
+)
+
+
+def _fixed(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+MIXING = _fixed(1, FEATURES, FEATURES) * (1.5 / FEATURES**0.5)
+BIAS = _fixed(2, FEATURES) * 0.3
+
+
+def toy_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x0 = tanh(A x / sqrt(sigma^2 + 1) + b): nonlinear in x and sigma, mixing every feature, so an error
+    in any term of a step shows in the result."""
+    assert sigma.shape == (x.shape[0],)
+    c_in = (sigma**2 + 1) ** -0.5
+    flat = x.flatten(1) * c_in[:, None]  # (B, F)
+    # Row by row, so that an item's result does not depend on the batch it is in (a (B, F) matmul may
+    # round differently for different B).
+    mixed = torch.stack([MIXING @ row for row in flat])
+    return torch.tanh(mixed + BIAS).view(x.shape)
+
+
+def toy_eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A nonlinear eps prediction that depends on the timestep."""
+    scale = 0.5 + t.float() / 1000  # (B,)
+    flat = x.flatten(1) * scale[:, None]
+    return torch.tanh(flat @ MIXING.T - BIAS).view(x.shape)
+
+
+class ListNoise:
+    """A noise sampler that returns pre-drawn noises in order, so two samplers see identical noise."""
+
+    def __init__(self, noises: list[torch.Tensor]) -> None:
+        self.noises, self.calls = noises, 0
+
+    def __call__(self, sigma, sigma_next) -> torch.Tensor:
+        self.calls += 1
+        return self.noises[self.calls - 1]
+
+
+@pytest.fixture(scope="module")
+def model_sigmas() -> torch.Tensor:
+    return sigmas_from_alphas_cumprod(alphas_cumprod_sd())
+
+
+# (ours, k-diffusion's name, takes a noise sampler)
+SIGMA_CASES = [
+    (samplers.sample_euler, "sample_euler", False),
+    (samplers.sample_euler_ancestral, "sample_euler_ancestral", True),
+    (samplers.sample_heun, "sample_heun", False),
+    (samplers.sample_dpm_2, "sample_dpm_2", False),
+    (samplers.sample_dpm_2_ancestral, "sample_dpm_2_ancestral", True),
+    (samplers.sample_lms, "sample_lms", False),
+    (samplers.sample_dpmpp_2s_ancestral, "sample_dpmpp_2s_ancestral", True),
+    (samplers.sample_dpmpp_2m, "sample_dpmpp_2m", False),
+    (samplers.sample_dpmpp_2m_sde, "sample_dpmpp_2m_sde", True),
+    (samplers.sample_dpmpp_sde, "sample_dpmpp_sde", True),
+]
+
+
+@pytest.mark.parametrize("schedule,steps", [("normal", 12), ("karras", 15), ("exponential", 10)])
+@pytest.mark.parametrize("ours,reference_name,noisy", SIGMA_CASES, ids=[c[1] for c in SIGMA_CASES])
+def test_sigma_sampler_equals_kdiffusion(ours, reference_name, noisy, schedule, steps, model_sigmas):
+    sampling, _ = load()
+    sigmas = make_sigmas(schedule, steps, model_sigmas)
+    x = _fixed(3, *SHAPE) * sigmas[0]
+    ours_seen, reference_seen = [], []
+    kwargs_ours, kwargs_reference = {}, {}
+    if noisy:
+        noises = [_fixed(100 + k, *SHAPE) for k in range(2 * steps)]
+        kwargs_ours["noise_sampler"] = ListNoise(noises)
+        kwargs_reference["noise_sampler"] = ListNoise(noises)
+    result = ours(toy_denoiser, x, sigmas, callback=ours_seen.append, **kwargs_ours)
+    expected = getattr(sampling, reference_name)(
+        toy_denoiser, x, sigmas, callback=reference_seen.append, disable=True, **kwargs_reference
+    )
+    assert (result - expected).abs().max().item() < 1e-5
+    assert not torch.equal(result, x)
+    if noisy:
+        assert kwargs_ours["noise_sampler"].calls == kwargs_reference["noise_sampler"].calls > 0
+    assert len(ours_seen) == len(reference_seen) == steps
+    for mine, theirs in zip(ours_seen, reference_seen, strict=True):
+        assert set(mine) == {"i", "x", "sigma", "denoised"}
+        assert mine["i"] == theirs["i"] and mine["sigma"] == theirs["sigma"]
+        assert (mine["denoised"] - theirs["denoised"]).abs().max().item() < 1e-5
+
+
+def test_lms_coefficients_equal_quadrature_of_lagrange_basis():
+    # Reference: scipy's adaptive quadrature of the Lagrange basis polynomial, all in float64.
+    t = [14.6, 9.7, 6.1, 3.9, 2.2, 1.1, 0.45, 0.03]
+    for i in range(3, 7):
+        for order in (1, 2, 3, 4):
+            for j in range(order):
+
+                def basis(tau, i=i, order=order, j=j):
+                    return math.prod((tau - t[i - k]) / (t[i - j] - t[i - k]) for k in range(order) if k != j)
+
+                expected = scipy.integrate.quad(basis, t[i], t[i + 1], epsabs=0, epsrel=1e-13)[0]
+                assert lms_coefficient(order, t, i, j) == pytest.approx(expected, rel=1e-11, abs=1e-13)
+    # The coefficients of one step sum to the step length (they integrate the constant 1 exactly).
+    assert sum(lms_coefficient(4, t, 5, j) for j in range(4)) == pytest.approx(t[6] - t[5], rel=1e-12)
+
+
+STOCHASTIC = [
+    samplers.sample_euler_ancestral,
+    samplers.sample_dpm_2_ancestral,
+    samplers.sample_dpmpp_2s_ancestral,
+    samplers.sample_dpmpp_2m_sde,
+    samplers.sample_dpmpp_sde,
+]
+
+
+@pytest.mark.parametrize("sampler", STOCHASTIC, ids=lambda f: f.__name__)
+def test_stochastic_sampler_noise_comes_only_from_generator(sampler, model_sigmas):
+    sigmas = make_sigmas("karras", 6, model_sigmas)
+    x = _fixed(3, *SHAPE) * sigmas[0]
+    global_state = torch.random.get_rng_state()
+    first = sampler(toy_denoiser, x, sigmas, generator=torch.Generator().manual_seed(7))
+    again = sampler(toy_denoiser, x, sigmas, generator=torch.Generator().manual_seed(7))
+    other = sampler(toy_denoiser, x, sigmas, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(torch.random.get_rng_state(), global_state)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    with pytest.raises(ValueError, match="Generator"):
+        sampler(toy_denoiser, x, sigmas)
+    # eta = 0 makes it deterministic, so no generator is needed.
+    assert torch.isfinite(sampler(toy_denoiser, x, sigmas, eta=0.0)).all()
+
+
+@pytest.mark.parametrize("sampler", STOCHASTIC, ids=lambda f: f.__name__)
+def test_generator_list_makes_each_batch_item_reproducible_alone(sampler, model_sigmas):
+    sigmas = make_sigmas("normal", 6, model_sigmas)
+    x = _fixed(3, *SHAPE) * sigmas[0]
+    batch = sampler(toy_denoiser, x, sigmas, generator=[torch.Generator().manual_seed(s) for s in (7, 8)])
+    alone = sampler(toy_denoiser, x[1:], sigmas, generator=[torch.Generator().manual_seed(8)])
+    assert torch.equal(batch[1:], alone)
+    other = sampler(toy_denoiser, x[1:], sigmas, generator=[torch.Generator().manual_seed(7)])
+    assert (other - alone).abs().max().item() > 1e-2
+    with pytest.raises(ValueError, match="3 generators for a batch of 2"):
+        sampler(toy_denoiser, x, sigmas, generator=[torch.Generator() for _ in range(3)])
+
+
+def test_every_sampler_takes_the_same_keywords():
+    for spec in SAMPLERS.values():
+        parameters = inspect.signature(spec.fn).parameters
+        for keyword in ("generator", "callback", "noise_sampler"):
+            assert parameters[keyword].kind is inspect.Parameter.KEYWORD_ONLY, (spec.name, keyword)
+
+
+def test_default_noise_is_brownian_consistent_within_a_step():
+    # Brownian increments over (10, 7) and (10, 5) overlap on (10, 7): correlation sqrt(3 / 5).
+    x = torch.zeros(400_000)
+    noise = samplers._IncrementNoise(x, torch.Generator().manual_seed(0))
+    first = noise(torch.tensor(10.0), torch.tensor(7.0))
+    second = noise(torch.tensor(10.0), torch.tensor(5.0))
+    fresh = noise(torch.tensor(5.0), torch.tensor(2.0))
+    assert first.std().item() == pytest.approx(1, abs=0.01)
+    assert second.std().item() == pytest.approx(1, abs=0.01)
+    assert (first * second).mean().item() == pytest.approx((3 / 5) ** 0.5, abs=0.01)
+    assert (second * fresh).mean().item() == pytest.approx(0, abs=0.01)
+
+
+def _diffusers_loop(scheduler, x, steps, generator, **step_kwargs):
+    scheduler.set_timesteps(steps)
+    seen = []
+    for t in scheduler.timesteps:
+        t_batch = torch.full((x.shape[0],), int(t), dtype=torch.int64)
+        seen.append(int(t))
+        x = scheduler.step(toy_eps_model(x, t_batch), t, x, generator=generator, **step_kwargs).prev_sample
+    return x, seen
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_equals_diffusers_ddim_scheduler(eta):
+    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG, set_alpha_to_one=False)
+    x = _fixed(4, *SHAPE)
+    expected, expected_ts = _diffusers_loop(scheduler, x, 10, torch.Generator().manual_seed(5), eta=eta)
+    seen = []
+    result = samplers.sample_ddim(
+        toy_eps_model,
+        x,
+        ddim_timesteps(10),
+        scheduler.alphas_cumprod,
+        eta=eta,
+        generator=torch.Generator().manual_seed(5),
+        callback=seen.append,
+    )
+    assert (result - expected).abs().max().item() < 1e-5
+    assert [s["t"] for s in seen] == expected_ts
+    assert set(seen[0]) == {"i", "x", "t", "denoised"}
+
+
+def test_ddim_with_ldm_alphas_cumprod_stays_close_to_diffusers():
+    # Our float64-derived alphas_cumprod vs diffusers' float32 one: same trajectory up to that rounding.
+    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG, set_alpha_to_one=False)
+    x = _fixed(4, *SHAPE)
+    expected, _ = _diffusers_loop(scheduler, x, 20, None)
+    result = samplers.sample_ddim(toy_eps_model, x, ddim_timesteps(20), alphas_cumprod_sd())
+    assert (result - expected).abs().max().item() < 1e-4
+
+
+def test_ddpm_equals_diffusers_ddpm_scheduler():
+    scheduler = DDPMScheduler(**SD_SCHEDULER_CONFIG, variance_type="fixed_small")
+    x = _fixed(4, *SHAPE)
+    expected, expected_ts = _diffusers_loop(scheduler, x, 12, torch.Generator().manual_seed(6))
+    seen = []
+    result = samplers.sample_ddpm(
+        toy_eps_model,
+        x,
+        ddim_timesteps(12),
+        scheduler.alphas_cumprod,
+        generator=torch.Generator().manual_seed(6),
+        callback=seen.append,
+    )
+    assert (result - expected).abs().max().item() < 1e-5
+    assert [s["t"] for s in seen] == expected_ts
+    # The same draws through a noise_sampler give the same result.
+    draws = torch.Generator().manual_seed(6)
+    via_sampler = samplers.sample_ddpm(
+        toy_eps_model,
+        x,
+        ddim_timesteps(12),
+        scheduler.alphas_cumprod,
+        noise_sampler=lambda t, t_prev: torch.randn(SHAPE, generator=draws),
+    )
+    assert torch.equal(via_sampler, result)
+
+
+A1111_NAMES = {
+    "Euler": "euler",
+    "Euler a": "euler_a",
+    "Heun": "heun",
+    "DPM2": "dpm2",
+    "DPM2 a": "dpm2_a",
+    "LMS": "lms",
+    "LMS Karras": "lms_karras",
+    "DPM2 Karras": "dpm2_karras",
+    "DPM2 a Karras": "dpm2_a_karras",
+    "DPM++ 2S a": "dpmpp_2s_a",
+    "DPM++ 2S a Karras": "dpmpp_2s_a_karras",
+    "DPM++ 2M": "dpmpp_2m",
+    "DPM++ 2M Karras": "dpmpp_2m_karras",
+    "DPM++ SDE": "dpmpp_sde",
+    "DPM++ SDE Karras": "dpmpp_sde_karras",
+    "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
+    "DPM++ 2M SDE Exponential": "dpmpp_2m_sde_exponential",
+    "DDIM": "ddim",
+    "DDPM": "ddpm",
+}
+
+
+@pytest.mark.parametrize("display,name", A1111_NAMES.items())
+def test_a1111_display_names_resolve_case_insensitively(display, name):
+    for spelling in (display, display.upper(), display.lower(), f"  {display.replace(' ', '  ')} "):
+        assert resolve_sampler(spelling) is SAMPLERS[name]
+
+
+def test_registry_specs_are_consistent():
+    for name, spec in SAMPLERS.items():
+        assert isinstance(spec, SamplerSpec) and spec.name == name
+        assert resolve_sampler(name.upper()) is spec
+        if spec.kind == "sigma":
+            assert spec.schedule in ("normal", "karras", "exponential")
+            base = name.removesuffix("_karras").removesuffix("_exponential")
+            assert SAMPLERS[base].fn is spec.fn and SAMPLERS[base].schedule == "normal"
+        else:
+            assert spec.kind == "timestep" and spec.schedule == "leading"
+    assert resolve_sampler("dpmpp_2m_karras").fn is samplers.sample_dpmpp_2m
+    assert resolve_sampler("DPM++ 2M Karras").schedule == "karras"
+    assert resolve_sampler("ddim").fn is samplers.sample_ddim and resolve_sampler("ddpm").kind == "timestep"
+    with pytest.raises(AttributeError):
+        SAMPLERS["euler"].name = "other"
+
+
+def test_unknown_sampler_is_usage_error_listing_valid_names():
+    with pytest.raises(UsageError) as info:
+        resolve_sampler("eular")
+    message = str(info.value)
+    assert "'eular'" in message
+    for name in ("euler", "euler_a", "dpmpp_2m_karras", "dpmpp_2m_sde_exponential", "ddim", "ddpm"):
+        assert name in message
