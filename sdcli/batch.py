@@ -6,12 +6,25 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from PIL import Image
+
 from sdcli import __version__
 from sdcli.checkpoint import StableDiffusion
 from sdcli.download import short_hash
 from sdcli.errors import UsageError
-from sdcli.images import format_infotext, save_png, to_pil
-from sdcli.pipeline import GenerationRequest, txt2img
+from sdcli.images import (
+    ResizeMode,
+    feather_mask,
+    format_infotext,
+    load_image,
+    load_mask,
+    paste_unmasked,
+    resize_to,
+    save_png,
+    size_multiple_of_8,
+    to_pil,
+)
+from sdcli.pipeline import GenerationRequest, generate
 from sdcli.samplers import resolve_sampler
 
 DEFAULT_OUTDIR = Path("outputs")
@@ -46,6 +59,41 @@ def output_paths(output: Path | None, outdir: Path | None, seeds: list[int]) -> 
     return [outdir / f"{start + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
 
 
+def load_inputs(
+    init: Path,
+    mask: Path | None,
+    size: tuple[int | None, int | None],
+    resize: ResizeMode = "crop",
+    mask_blur: int = 4,
+    invert_mask: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[Image.Image, Image.Image | None]:
+    """The init image at the target size and, for inpainting, the feathered mask to match.
+
+    Without a width and height the target is the init image's size rounded down to multiples of 8. A mask
+    of another size than the init image is resized to it first, with a warning.
+    """
+    image = load_image(init)
+    original_size = image.size
+    width, height = size
+    if width is None or height is None:
+        w8, h8 = size_multiple_of_8(image.width, image.height)
+        width, height = width or w8, height or h8
+    image = resize_to(image, width, height, resize)
+    if mask is None:
+        return image, None
+    mask_image = load_mask(mask)
+    if mask_image.size != original_size:
+        if warn is not None:
+            warn(
+                f"the mask is {mask_image.width}x{mask_image.height} but the init image is "
+                f"{original_size[0]}x{original_size[1]}: resizing the mask to match"
+            )
+        mask_image = mask_image.resize(original_size, resample=Image.Resampling.LANCZOS)
+    mask_image = resize_to(mask_image, width, height, resize)
+    return image, feather_mask(mask_image, mask_blur, invert_mask)
+
+
 def infotext_parameters(request: GenerationRequest, model_hash: str, model_name: str) -> dict[str, object]:
     """The A1111 infotext key/value line for one image, in A1111's order."""
     params: dict[str, object] = {
@@ -57,6 +105,10 @@ def infotext_parameters(request: GenerationRequest, model_hash: str, model_name:
         "Model hash": model_hash,
         "Model": model_name,
     }
+    if request.init is not None:
+        params["Denoising strength"] = request.strength
+    if request.mask is not None:
+        params["Mask blur"] = request.mask_blur
     if request.clip_skip != 1:
         params["Clip skip"] = request.clip_skip
     params["Version"] = f"sdcli {__version__}"
@@ -72,14 +124,17 @@ def generate_to_files(
     overwrite: bool = False,
     on_step: Callable[[dict], None] | None = None,
 ) -> Iterator[Path]:
-    """Generate the requests in batches of `batch_size` and write each image; yields the paths written."""
+    """Generate the requests in batches of `batch_size` and write each image; yields the paths written.
+
+    For inpainting, the pixels outside the feathered mask are pasted back from the init image.
+    """
     model_hash = short_hash(model.path)
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
-        images = txt2img(model, chunk, callback=on_step)
-        for request, image, target in zip(chunk, to_pil(images), targets[start : start + batch_size], strict=True):
-            text = format_infotext(
-                request.prompt, request.negative, infotext_parameters(request, model_hash, model.path.stem)
-            )
-            target.parent.mkdir(parents=True, exist_ok=True)
+        images = to_pil(generate(model, chunk, callback=on_step))
+        for request, image, target in zip(chunk, images, targets[start : start + batch_size], strict=True):
+            if request.mask is not None:
+                image = paste_unmasked(image, request.init, request.mask)
+            params = infotext_parameters(request, model_hash, model.path.stem)
+            text = format_infotext(request.prompt, request.negative, params)
             yield save_png(image, target, text, overwrite=overwrite)

@@ -8,9 +8,7 @@ copy of the weights is ever held.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,70 +19,13 @@ from torch import nn
 
 from sdcli.errors import CheckpointError
 from sdcli.families import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, Family, detect
+from sdcli.header import TensorInfo, read_header
 from sdcli.models.clip import ClipTextModel
 from sdcli.models.unet import UNetModel
 from sdcli.models.vae import AutoencoderKL
 
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Keys a component's prefix may hold that are not weights of ours: buffers older libraries saved.
 IGNORED_SUFFIXES = ("position_ids",)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """Read a .safetensors header (names, dtypes, shapes) without touching the tensor data.
-
-    Refuses pickle files and checks that every tensor's bytes lie inside the file, so a truncated
-    download is reported here rather than as a crash halfway through loading.
-    """
-    path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise CheckpointError(
-            f"{path}: '{path.suffix}' files are Python pickles, which can run arbitrary code when loaded, so "
-            "sdcli never opens them; use the model's .safetensors file, or convert it once in a trusted "
-            "environment (e.g. with safetensors.torch.save_file)"
-        )
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such model file; check the path, or run 'sdcli download' to fetch one")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
-        (header_len,) = struct.unpack("<Q", head)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise CheckpointError(
-                f"{path}: this is a pickle checkpoint despite its name; sdcli loads only .safetensors files"
-            )
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise CheckpointError(f"{path}: not a safetensors file (or the file is truncated); re-download it")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: not a safetensors file (unreadable header: {e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (header is not a table of tensors)")
-    data_size = size - 8 - header_len
-    infos = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = entry["data_offsets"]
-            infos[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]))
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{path}: not a safetensors file (bad header entry for '{name}')") from None
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: the file is truncated ({size} bytes, tensor '{name}' ends past it); re-download it"
-            )
-    return infos
 
 
 def _mismatch_error(path: Path, component: str, kind: str, keys: list[str]) -> CheckpointError:

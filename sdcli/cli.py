@@ -1,34 +1,41 @@
-"""The command line: parse options, call the core, report. Heavy imports happen inside commands."""
+"""The command line: parse options, call the core, report. Heavy imports (torch) happen inside commands."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import secrets
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from sdcli import __version__
-from sdcli.errors import SdcliError, UsageError
+from sdcli.errors import SdcliError
 
-TXT2IMG_EXAMPLES = """\
+EXAMPLES = """\
 Examples:
 
   sdcli txt2img "a sunset over mountains" --cfg 7.5
 
   sdcli txt2img "a cat in a hat" -n "blurry" --sampler "Euler a" --steps 30 --seed 42 -o cat.png
 
-  sdcli txt2img "a lighthouse at night" --n 4 --batch-size 2 --outdir lighthouses -m my-model.safetensors
+  sdcli img2img "an oil painting of a harbour" --init photo.jpg --strength 0.6 -o painting.png
+
+  sdcli inpaint "a red door" --init house.png --mask door-mask.png -m sd15-inpaint -o house-red-door.png
+
+  sdcli download sd15
 """
 
 app = typer.Typer(
     name="sdcli",
     help="Stable Diffusion from the command line.",
+    epilog=EXAMPLES,
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -63,67 +70,208 @@ def main_options(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
-    """Stable Diffusion from the command line: txt2img, with its own networks and samplers."""
+    """Stable Diffusion from the command line: txt2img, img2img and inpaint with SD 1.x checkpoints."""
 
 
-ModelOpt = Annotated[
-    Path | None, typer.Option("--model", "-m", help="Model file (.safetensors, SD 1.x single-file layout).")
+# Options shared by the generating commands.
+Prompt = Annotated[str, typer.Argument(help="What to draw.")]
+Negative = Annotated[str, typer.Option("--negative", "-n", help="What to steer away from.")]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="A .safetensors file, a downloaded model's name, or an alias to download (default sd15)."
+    ),
+]
+Width = Annotated[int | None, typer.Option("--width", "-W", help="Image width, a multiple of 8 [default: 512].")]
+Height = Annotated[int | None, typer.Option("--height", "-H", help="Image height, a multiple of 8 [default: 512].")]
+Steps = Annotated[int, typer.Option(help="Sampling steps.")]
+Cfg = Annotated[float, typer.Option(help="Classifier-free guidance scale; 1 disables guidance.")]
+Sampler = Annotated[str, typer.Option(help="Sampler, by our name or A1111's, e.g. 'Euler a', 'DDIM'.")]
+Seed = Annotated[int | None, typer.Option(help="Seed of the first image; image i uses seed+i. Default: random.")]
+Count = Annotated[int, typer.Option("--n", min=1, help="Number of images.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Images per UNet call.")]
+Output = Annotated[Path | None, typer.Option("--output", "-o", help="Output PNG file (numbered when --n > 1).")]
+Outdir = Annotated[Path | None, typer.Option(help="Output folder [default: ./outputs].")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing files instead of adding -1, -2...")]
+ClipSkip = Annotated[int, typer.Option(min=1, help="1 = last CLIP layer, 2 = the one before it (A1111).")]
+Device = Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")]
+Dtype = Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on CPUs), fp16, bf16 or fp32.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors on stderr.")]
+WeightsDir = Annotated[
+    Path | None, typer.Option(help="Where models live [default: $SDCLI_WEIGHTS_DIR, else see `sdcli models`].")
+]
+Offline = Annotated[bool, typer.Option("--offline", help="Never download (also HF_HUB_OFFLINE=1).")]
+Token = Annotated[str | None, typer.Option(help="Hugging Face token for gated models [default: $HF_TOKEN].")]
+Init = Annotated[Path, typer.Option("--init", "-i", help="The image to start from (any format Pillow reads).")]
+Resize = Annotated[
+    Literal["crop", "fit", "stretch"],
+    typer.Option(help="Fitting the init image to the size: crop (cover, centre-crop), fit (pad), stretch."),
 ]
 
 
-@app.command(epilog=TXT2IMG_EXAMPLES)
+@app.command(epilog=EXAMPLES)
 @reports_errors
 def txt2img(
-    prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    negative: Annotated[str, typer.Option("--negative", "-n", help="What to steer away from.")] = "",
-    model: ModelOpt = None,
-    width: Annotated[int, typer.Option("--width", "-W", help="Image width, a multiple of 8.")] = 512,
-    height: Annotated[int, typer.Option("--height", "-H", help="Image height, a multiple of 8.")] = 512,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
-    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale; 1 disables guidance.")] = 7.5,
-    sampler: Annotated[str, typer.Option(help="Sampler, by our name or A1111's (e.g. 'Euler a').")] = (
-        "DPM++ 2M Karras"
-    ),
-    seed: Annotated[int | None, typer.Option(help="Seed of the first image; image i uses seed+i.")] = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per UNet call.")] = 1,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output PNG file.")] = None,
-    outdir: Annotated[Path | None, typer.Option(help="Output folder (default ./outputs).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing files instead of adding a suffix.")] = False,
-    clip_skip: Annotated[int, typer.Option(min=1, help="1 = last CLIP layer, 2 = the one before (A1111).")] = 1,
-    device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on CPUs), fp16, bf16 or fp32.")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors on stderr.")] = False,
+    prompt: Prompt,
+    negative: Negative = "",
+    model: Model = None,
+    width: Width = None,
+    height: Height = None,
+    steps: Steps = 20,
+    cfg: Cfg = 7.5,
+    sampler: Sampler = "DPM++ 2M Karras",
+    seed: Seed = None,
+    n: Count = 1,
+    batch_size: BatchSize = 1,
+    output: Output = None,
+    outdir: Outdir = None,
+    overwrite: Overwrite = False,
+    clip_skip: ClipSkip = 1,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    weights_dir: WeightsDir = None,
+    offline: Offline = False,
+    token: Token = None,
+    quiet: Quiet = False,
 ) -> None:
     """Generate images from a text prompt."""
-    from sdcli.batch import generate_to_files, output_paths
+    _generate(locals(), init=None)
+
+
+@app.command(epilog=EXAMPLES)
+@reports_errors
+def img2img(
+    prompt: Prompt,
+    init: Init,
+    strength: Annotated[float, typer.Option(help="How much to change: 0 keeps the image, 1 ignores it.")] = 0.75,
+    resize: Resize = "crop",
+    negative: Negative = "",
+    model: Model = None,
+    width: Width = None,
+    height: Height = None,
+    steps: Steps = 20,
+    cfg: Cfg = 7.5,
+    sampler: Sampler = "DPM++ 2M Karras",
+    seed: Seed = None,
+    n: Count = 1,
+    batch_size: BatchSize = 1,
+    output: Output = None,
+    outdir: Outdir = None,
+    overwrite: Overwrite = False,
+    clip_skip: ClipSkip = 1,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    weights_dir: WeightsDir = None,
+    offline: Offline = False,
+    token: Token = None,
+    quiet: Quiet = False,
+) -> None:
+    """Redraw an image guided by a prompt. Without --width/--height the size is the image's (rounded to 8)."""
+    _generate(locals(), init=init, strength=strength, resize=resize)
+
+
+@app.command(epilog=EXAMPLES)
+@reports_errors
+def inpaint(
+    prompt: Prompt,
+    init: Init,
+    mask: Annotated[Path, typer.Option("--mask", help="White (or opaque) = repaint, black = keep.")],
+    strength: Annotated[float, typer.Option(help="How much to change inside the mask.")] = 1.0,
+    mask_blur: Annotated[int, typer.Option(min=0, help="Feather the mask edge by this many pixels.")] = 4,
+    invert_mask: Annotated[bool, typer.Option("--invert-mask", help="Repaint the black area instead.")] = False,
+    resize: Resize = "crop",
+    negative: Negative = "",
+    model: Model = None,
+    width: Width = None,
+    height: Height = None,
+    steps: Steps = 20,
+    cfg: Cfg = 7.5,
+    sampler: Sampler = "DPM++ 2M Karras",
+    seed: Seed = None,
+    n: Count = 1,
+    batch_size: BatchSize = 1,
+    output: Output = None,
+    outdir: Outdir = None,
+    overwrite: Overwrite = False,
+    clip_skip: ClipSkip = 1,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    weights_dir: WeightsDir = None,
+    offline: Offline = False,
+    token: Token = None,
+    quiet: Quiet = False,
+) -> None:
+    """Repaint the masked part of an image. Inpainting checkpoints (9-channel UNet) are used as such."""
+    _generate(
+        locals(), init=init, mask=mask, strength=strength, mask_blur=mask_blur, invert_mask=invert_mask, resize=resize
+    )
+
+
+def _generate(
+    opts: dict,
+    init: Path | None,
+    mask: Path | None = None,
+    strength: float = 1.0,
+    mask_blur: int = 0,
+    invert_mask: bool = False,
+    resize: str = "crop",
+) -> None:
+    """Shared body of txt2img, img2img and inpaint: build requests, load the model, write images."""
+    from sdcli.batch import generate_to_files, load_inputs, output_paths
     from sdcli.pipeline import GenerationRequest
 
-    chosen_seed = secrets.randbelow(2**32 - n) if seed is None else seed
+    n, quiet = opts["n"], opts["quiet"]
+    init_image = mask_image = None
+    size = (opts["width"], opts["height"])
+    if init is not None:
+        init_image, mask_image = load_inputs(init, mask, size, resize, mask_blur, invert_mask, warn=_warner(quiet))
+        size = init_image.size
+    width, height = size[0] or 512, size[1] or 512
+    first_seed = secrets.randbelow(2**32 - n) if opts["seed"] is None else opts["seed"]
     requests = [
-        GenerationRequest(prompt, negative, width, height, steps, cfg, sampler, chosen_seed + i, clip_skip)
+        GenerationRequest(
+            opts["prompt"],
+            opts["negative"],
+            width,
+            height,
+            opts["steps"],
+            opts["cfg"],
+            opts["sampler"],
+            first_seed + i,
+            opts["clip_skip"],
+            init_image,
+            mask_image,
+            strength,
+            mask_blur,
+        )  # fmt: skip
         for i in range(n)
     ]
     requests[-1].validate()  # bad numbers fail before a model is loaded
-    targets = output_paths(output, outdir, [r.seed for r in requests])
-    loaded = _load(model, device, dtype)
-    if seed is None and not quiet:
-        _stderr(f"seed: {chosen_seed}")
-    with _progress(-(-n // batch_size) * steps, quiet) as on_step:
+    targets = output_paths(opts["output"], opts["outdir"], [r.seed for r in requests])
+    model = _load(opts)
+    if opts["seed"] is None and not quiet:
+        _stderr(f"seed: {first_seed}")
+    batch_size = opts["batch_size"]
+    with _progress(-(-n // batch_size) * opts["steps"], quiet) as on_step:
         for path in generate_to_files(
-            loaded, requests, targets, batch_size=batch_size, overwrite=overwrite, on_step=on_step
+            model, requests, targets, batch_size=batch_size, overwrite=opts["overwrite"], on_step=on_step
         ):
             typer.echo(str(path))
 
 
-def _load(model: Path | None, device: str, dtype: str):
+def _warner(quiet: bool):
+    return (lambda message: None) if quiet else (lambda message: _stderr(f"warning: {message}"))
+
+
+def _load(opts: dict):
     from sdcli.checkpoint import load_model
     from sdcli.devices import resolve_device, resolve_dtype
+    from sdcli.download import resolve_model, weights_dir
 
-    if model is None:
-        raise UsageError("no model given: pass --model path/to/model.safetensors")
-    target = resolve_device(device)
-    return load_model(model, device=target, dtype=resolve_dtype(dtype, target))
+    device = resolve_device(opts["device"])
+    dtype = resolve_dtype(opts["dtype"], device)
+    path = resolve_model(opts["model"], weights_dir(opts["weights_dir"]), offline=opts["offline"], token=opts["token"])
+    return load_model(path, device=device, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -148,6 +296,66 @@ def _progress(total_steps: int, quiet: bool):
             progress.update(task, rate=f"{speed:.2f} it/s" if speed else "")
 
         yield on_step
+
+
+@app.command()
+@reports_errors
+def download(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="An alias (see --list), OWNER/REPO/FILE.safetensors, or an https:// URL. Default: sd15."),
+    ] = None,
+    list_: Annotated[bool, typer.Option("--list", help="Show the known aliases and exit.")] = False,
+    weights_dir: WeightsDir = None,
+    token: Token = None,
+    sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the file (checked after download).")] = None,
+) -> None:
+    """Download a model into the weights folder (verified, resumable). Prints the file's path."""
+    from sdcli import download as downloads
+
+    directory = downloads.weights_dir(weights_dir)
+    if list_:
+        for entry in downloads.REGISTRY.values():
+            here = "downloaded" if downloads.find_local_model(entry.name, directory) else ""
+            default = " (default)" if entry.name == downloads.DEFAULT_MODEL else ""
+            typer.echo(f"{entry.name + default:<22} {entry.description:<62} {here}".rstrip())
+            typer.echo(f"{'':<22} {entry.url}")
+        return
+    path = downloads.download(name or downloads.DEFAULT_MODEL, directory, token=token, sha256=sha256)
+    typer.echo(str(path))
+
+
+@app.command()
+@reports_errors
+def models(
+    weights_dir: WeightsDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per model on stdout.")] = False,
+) -> None:
+    """List the models in the weights folder: name, family, size, dtype and short hash."""
+    from sdcli.download import list_local_models, short_hash
+    from sdcli.download import weights_dir as resolve_weights_dir
+    from sdcli.errors import CheckpointError
+    from sdcli.families import detect
+    from sdcli.header import read_header
+
+    directory = resolve_weights_dir(weights_dir)
+    if not as_json:
+        _stderr(f"weights folder: {directory}")
+    for path in list_local_models(directory):
+        info = {"name": path.stem, "path": str(path), "size": path.stat().st_size}
+        try:
+            header = read_header(path)
+            info["family"] = detect({k: v.shape for k, v in header.items()}).name
+            dtypes = sorted({v.dtype for k, v in header.items() if k.startswith("model.diffusion_model.")})
+            info["dtype"] = "/".join(dtypes)
+        except CheckpointError as e:
+            info.update(family="unknown", dtype="?", error=str(e))
+        info["hash"] = short_hash(path)
+        if as_json:
+            typer.echo(json.dumps(info))
+        else:
+            size = f"{info['size'] / 1e9:.2f} GB"
+            typer.echo(f"{info['name']:<40} {info['family']:<12} {size:>9} {info['dtype']:<6} {info['hash']}")
 
 
 def main() -> None:

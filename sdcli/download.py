@@ -44,6 +44,7 @@ __all__ = [
     "find_local_model",
     "is_offline",
     "list_local_models",
+    "resolve_model",
     "resolve_spec",
     "sha256_file",
     "short_hash",
@@ -418,6 +419,30 @@ def ensure_default_model(
             f"{entry.repo_id}/{entry.filename} into {directory} (once; later runs use that file)"
         )
     return download(DEFAULT_MODEL, directory, token=token, progress=progress, offline=offline)
+
+
+def resolve_model(
+    name: str | None, weights_dir: str | Path, *, offline: bool = False, token: str | None = None
+) -> Path:
+    """The file `--model NAME` means: a path, a downloaded model's name, or something to download now.
+
+    No NAME means the default model (downloaded on first use). A registry alias, `OWNER/REPO/FILE.safetensors`
+    or a URL that is not here yet is downloaded, unless offline.
+    """
+    if name is None:
+        return ensure_default_model(weights_dir, offline=offline, token=token)
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path  # any suffix: loading refuses pickles with its own message
+    found = find_local_model(name, weights_dir)
+    if found is not None:
+        return found
+    if name in REGISTRY or "://" in name or (name.count("/") >= 2 and name.endswith(SUFFIX)):
+        return download(name, weights_dir, token=token, offline=offline)
+    raise DownloadError(
+        f"{name}: no such model file, and no downloaded model of that name in {Path(weights_dir)}; check the path, "
+        "or see `sdcli models` and `sdcli download --list`"
+    )
 
 
 def download(

@@ -15,7 +15,7 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
 
 from sdcli.errors import ImageError, SdcliError
 
@@ -140,6 +140,26 @@ def load_mask(path: Path | str) -> Image.Image:
         if alpha.getextrema() != (255, 255):
             return alpha
     return image.convert("L")
+
+
+def feather_mask(mask: Image.Image, blur: int = 4, invert: bool = False) -> Image.Image:
+    """The mask inpainting uses: optionally inverted, its edge softened by a Gaussian blur of `blur` pixels.
+
+    Raises ImageError when nothing is left to repaint (an all-black mask).
+    """
+    if invert:
+        mask = ImageOps.invert(mask.convert("L"))
+    if mask.getextrema()[1] == 0:
+        raise ImageError("the mask is all black, so there is nothing to inpaint: paint the area to repaint white")
+    return mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else mask
+
+
+def paste_unmasked(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """The generated image where the mask is white, the original where it is black, blended between.
+
+    Where the mask is 0 the result is the original pixel for pixel, so the kept area is exactly the input.
+    """
+    return Image.composite(generated.convert("RGB"), original.convert("RGB"), mask.convert("L"))
 
 
 # ---------------------------------------------------------------------------------------------------------

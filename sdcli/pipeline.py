@@ -7,13 +7,16 @@ ancestral or SDE noise, so an image comes out the same alone or in a batch, on a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from sdcli.checkpoint import StableDiffusion
 from sdcli.denoiser import DiscreteDenoiser, guided_unet
 from sdcli.errors import UsageError
+from sdcli.images import from_pil
 from sdcli.samplers import SamplerSpec, resolve_sampler
 from sdcli.schedules import alphas_cumprod_sd, ddim_timesteps, make_sigmas
 
@@ -22,7 +25,11 @@ MAX_SEED = 2**32 - 1
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One image to generate. Requests that share size, steps, cfg and sampler can run as one batch."""
+    """One image to generate. Requests that share size, steps, cfg, sampler and mode can run as one batch.
+
+    `init` (img2img, inpaint) is an RGB image already at width x height; `mask` (inpaint) an "L" image of
+    the same size, feathered, where 255 means repaint. `strength` is the fraction of the schedule run.
+    """
 
     prompt: str
     negative: str = ""
@@ -33,6 +40,10 @@ class GenerationRequest:
     sampler: str = "DPM++ 2M Karras"
     seed: int = 0
     clip_skip: int = 1
+    init: Image.Image | None = field(default=None, compare=False)
+    mask: Image.Image | None = field(default=None, compare=False)
+    strength: float = 1.0
+    mask_blur: int = 0  # how the mask was feathered; recorded in the PNG's parameters
 
     def validate(self) -> SamplerSpec:
         """Check the numbers a user typed; return the resolved sampler. Raises UsageError."""
@@ -45,10 +56,18 @@ class GenerationRequest:
             raise UsageError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.clip_skip < 1:
             raise UsageError(f"clip skip must be 1 or more, got {self.clip_skip}")
+        if not 0.0 <= self.strength <= 1.0:
+            raise UsageError(f"strength must be between 0 and 1, got {self.strength}")
+        for name, image in (("init image", self.init), ("mask", self.mask)):
+            if image is not None and image.size != (self.width, self.height):
+                raise ValueError(f"{name} is {image.size}, expected {(self.width, self.height)}")
         return resolve_sampler(self.sampler)
 
     def batch_key(self) -> tuple:
-        return (self.width, self.height, self.steps, self.cfg, self.sampler.lower(), self.clip_skip)
+        return (
+            self.width, self.height, self.steps, self.cfg, self.sampler.lower(), self.clip_skip,
+            self.init is None, self.mask is None, self.strength,
+        )  # fmt: skip
 
 
 def encode_prompts(model: StableDiffusion, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
@@ -66,10 +85,31 @@ def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...], device
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
 
 
+def encode_images(model: StableDiffusion, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, H, W) -> scaled latents: a sample of the VAE's latent distribution.
+
+    The sample's noise comes from each image's generator, after its initial noise, so img2img stays
+    reproducible from the seed alone.
+    """
+    mean, logvar = model.vae.encode(images.to(model.device, model.dtype))
+    eps = draw_noise(generators, tuple(mean.shape[1:]), model.device)
+    return (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * model.family.scale_factor
+
+
 def decode_latents(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, 4, h, w) -> images in [-1, 1] (B, 3, 8h, 8w), float32."""
     z = (latents / model.family.scale_factor).to(model.dtype)
     return model.vae.decode(z).float().clamp(-1, 1)
+
+
+@dataclass
+class Conditioning:
+    """What besides the prompt steers sampling: the image to start from and what of it to keep."""
+
+    init_latents: torch.Tensor | None = None  # img2img / inpaint start, scaled latents
+    strength: float = 1.0
+    extra_channels: torch.Tensor | None = None  # inpainting UNets: latent mask + masked-image latents
+    keep_mask: torch.Tensor | None = None  # regular UNets inpainting: 1 where the original is kept
 
 
 def sample(
@@ -81,38 +121,117 @@ def sample(
     cfg: float,
     noise: torch.Tensor,
     generators: list[torch.Generator],
+    conditioning: Conditioning | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
-    """Run `spec` from pure noise for `steps` steps; returns the final scaled latents (float32)."""
+    """Run `spec` over the last `strength` of a `steps`-step schedule; returns the final scaled latents.
+
+    Without an init image, or at strength 1, sampling starts from pure noise; otherwise from the init
+    latents noised to the first remaining level (diffusers' and A1111's img2img: strength 0.75 of 20 steps
+    runs the last 15). With a keep mask, every denoiser call after the first sees the kept area replaced by
+    the original noised to that call's level, and the result keeps the original latents there.
+    """
+    c = conditioning or Conditioning()
     dtype = model.dtype
 
     def unet(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if c.extra_channels is not None:
+            x = torch.cat([x, c.extra_channels.repeat(x.shape[0] // c.extra_channels.shape[0], 1, 1, 1)], dim=1)
         return model.unet(x.to(dtype), t, context.to(dtype)).float()
 
     predict = guided_unet(unet, cond, uncond, cfg)
     alphas_cumprod = alphas_cumprod_sd().to(noise.device)
-    # One generator per image: its ancestral/SDE noise continues from its initial noise.
+    from_image = c.init_latents is not None and c.strength < 1.0
+    start = steps - min(int(steps * c.strength), steps) if from_image else 0
+    init = c.init_latents if c.init_latents is not None else torch.zeros_like(noise)
+    keep = c.keep_mask
+
+    def kept(x: torch.Tensor, noised_init: torch.Tensor) -> torch.Tensor:
+        return x if keep is None else keep * noised_init + (1 - keep) * x
+
+    # One generator per image: its ancestral/SDE noise continues after its initial noise.
     if spec.kind == "timestep":
-        timesteps = ddim_timesteps(steps)
-        return spec.fn(predict, noise, timesteps, alphas_cumprod, generator=generators, callback=callback)
+        timesteps = ddim_timesteps(steps)[start:]
+        if len(timesteps) == 0:
+            return init
+
+        def noised(t: torch.Tensor | int) -> torch.Tensor:
+            a = alphas_cumprod[t].view(-1, 1, 1, 1) if torch.is_tensor(t) else alphas_cumprod[t]
+            return a**0.5 * init + (1 - a) ** 0.5 * noise
+
+        first = int(timesteps[0])
+        x = noised(first) if from_image else noise
+
+        def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return predict(x if int(t[0]) == first else kept(x, noised(t)), t)
+
+        x = spec.fn(eps_model, x, timesteps, alphas_cumprod, generator=generators, callback=callback)
+        return kept(x, init)
+
     denoiser = DiscreteDenoiser(predict, alphas_cumprod, model.family.prediction)
-    sigmas = make_sigmas(spec.schedule, steps, denoiser.sigmas)
-    return spec.fn(denoiser, noise * sigmas[0], sigmas, generator=generators, callback=callback)
+    sigmas = make_sigmas(spec.schedule, steps, denoiser.sigmas)[start:]
+    if len(sigmas) < 2:
+        return init
+    x = init + noise * sigmas[0] if from_image else noise * sigmas[0]
+
+    def blended(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = sigma.view(-1, 1, 1, 1)
+        return denoiser(x if sigma[0] >= sigmas[0] else kept(x, init + noise * s), sigma)
+
+    x = spec.fn(blended, x, sigmas, generator=generators, callback=callback)
+    return kept(x, init)
+
+
+def prepare_conditioning(
+    model: StableDiffusion, requests: list[GenerationRequest], generators: list[torch.Generator]
+) -> Conditioning | None:
+    """Encode the init images and masks of a batch into what `sample` needs."""
+    first = requests[0]
+    if first.init is None:
+        return None
+    images = torch.cat([from_pil(r.init) for r in requests])  # (B, 3, H, W) in [-1, 1]
+    c = Conditioning(init_latents=encode_images(model, images, generators), strength=first.strength)
+    if first.mask is None:
+        return c
+    # The feathered mask, thresholded at half as diffusers does, then nearest-downsampled to latent size.
+    masks = torch.cat([mask_tensor(r.mask) for r in requests])  # (B, 1, H, W) in [0, 1]
+    repaint = (masks >= 0.5).float()
+    latent_repaint = F.interpolate(repaint, size=c.init_latents.shape[-2:]).to(model.device)
+    if model.family.is_inpainting:
+        masked = encode_images(model, images * (1 - repaint), generators)  # the repainted area blanked
+        c.extra_channels = torch.cat([latent_repaint, masked], dim=1)
+    else:
+        c.keep_mask = 1 - latent_repaint
+    return c
 
 
 @torch.inference_mode()
-def txt2img(
+def generate(
     model: StableDiffusion, requests: list[GenerationRequest], callback: Callable[[dict], None] | None = None
 ) -> torch.Tensor:
-    """Generate one image per request, as one batch; returns images in [-1, 1] (B, 3, H, W), float32, CPU."""
+    """Generate one image per request, as one batch: txt2img, img2img (init) or inpaint (init and mask).
+
+    Returns images in [-1, 1] (B, 3, H, W), float32, on the CPU, before any paste-back of kept pixels.
+    """
     first = requests[0]
     spec = first.validate()
     if any(r.batch_key() != first.batch_key() for r in requests):
-        raise ValueError("requests in one batch must share size, steps, cfg, sampler and clip skip")
+        raise ValueError("requests in one batch must share size, steps, cfg, sampler, clip skip and mode")
+    if first.mask is not None and first.init is None:
+        raise ValueError("a mask needs an init image")
+    if model.family.is_inpainting and first.mask is None:
+        raise UsageError(f"{model.path.name} is an inpainting model: use `sdcli inpaint` with --init and --mask")
     cond = encode_prompts(model, [r.prompt for r in requests], first.clip_skip)
     uncond = None if first.cfg == 1.0 else encode_prompts(model, [r.negative for r in requests], first.clip_skip)
     f = model.vae.downscale
     generators = seeded_generators([r.seed for r in requests])
     noise = draw_noise(generators, (model.family.unet.out_channels, first.height // f, first.width // f), model.device)
-    latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, callback)
+    conditioning = prepare_conditioning(model, requests, generators)
+    latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, conditioning, callback)
     return decode_latents(model, latents).cpu()
+
+
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """An "L" mask -> (1, 1, H, W) float in [0, 1], 1 = repaint."""
+    pixels = torch.frombuffer(bytearray(mask.convert("L").tobytes()), dtype=torch.uint8)
+    return pixels.float().view(1, 1, mask.height, mask.width) / 255

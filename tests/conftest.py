@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -79,6 +80,7 @@ TINY_SD1 = Family(
     vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
     clip=ClipConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
 )
+TINY_SD1_INPAINT = replace(TINY_SD1, name="sd1-inpaint", unet=replace(TINY_SD1.unet, in_channels=9))
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -120,19 +122,29 @@ def _private_sdcli_dirs(tmp_path_factory):
             os.environ[key] = value
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> str:
-    """A tiny SD 1.x checkpoint file (fp32) with the extras real files carry."""
+def write_checkpoint(family: Family, path, seed: int = 0) -> str:
+    """A tiny checkpoint file (fp32) with the extras real files carry."""
     from safetensors.torch import save_file
 
-    sd = tiny_state_dict(TINY_SD1)
+    sd = tiny_state_dict(family, seed)
     sd[CLIP_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
     sd["alphas_cumprod"] = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64)
     sd["model_ema.num_updates"] = torch.tensor(0)
     sd["model_ema.decay"] = torch.tensor(0.9999)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-sd1.safetensors"
     save_file(sd, str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A tiny SD 1.x checkpoint."""
+    return write_checkpoint(TINY_SD1, tmp_path_factory.mktemp("ckpt") / "tiny-sd1.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_checkpoint(tmp_path_factory) -> str:
+    """A tiny SD 1.x inpainting checkpoint (9-channel UNet)."""
+    return write_checkpoint(TINY_SD1_INPAINT, tmp_path_factory.mktemp("ckpt") / "tiny-sd1-inpaint.safetensors", 10)
 
 
 SD1 = SD1  # re-exported for tests that compare against the full-size family

@@ -106,3 +106,37 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4) -> N
     scale = ref.abs().max().item()
     err = (ours - ref).abs().max().item()
     assert err <= rtol * scale, f"max abs error {err:.3g} exceeds {rtol} x {scale:.3g}"
+
+
+def reference_models_from_file(path: str, family) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    """diffusers' UNet and VAE and transformers' CLIP text model holding a checkpoint file's weights."""
+    from safetensors.torch import load_file
+
+    sd = load_file(path)
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    unet = reference_unet(part(UNET_PREFIX), family.unet, family.vae)
+    vae = reference_vae(part(VAE_PREFIX), family.unet, family.vae)
+    clip = reference_clip(part(CLIP_PREFIX), family.clip)
+    return unet, vae, clip
+
+
+def reference_tokenizer():
+    """transformers' CLIP tokenizer on the vocabulary files sdcli ships (the same BPE as openai's)."""
+    from importlib.resources import files
+
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(files("sdcli") / "data"), local_files_only=True, model_max_length=77)
+
+
+def sd15_ddim_scheduler():
+    """diffusers' DDIM with Stable Diffusion 1.5's scheduler settings."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+    )  # fmt: skip

@@ -5,9 +5,10 @@ import torch
 from conftest import TINY_SD1, tiny_state_dict
 from safetensors.torch import save_file
 
-from sdcli.checkpoint import load_model, read_header
+from sdcli.checkpoint import load_model
 from sdcli.errors import CheckpointError
 from sdcli.families import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, detect
+from sdcli.header import read_header
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

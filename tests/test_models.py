@@ -11,12 +11,13 @@ from sdcli.models.vae import AutoencoderKL
 
 
 @pytest.mark.parametrize("name", sorted(TINY_UNETS))
-def test_unet_matches_diffusers(name):
+@pytest.mark.parametrize("size", [(16, 24), (9, 13)])  # odd latent sizes: upsampling must meet the skip's size
+def test_unet_matches_diffusers(name, size):
     cfg = TINY_UNETS[name]
     ours = randomize_(UNetModel(cfg), seed=1)
     ref = reference_unet(ours.state_dict(), cfg, TINY_VAES["a"])
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cfg.in_channels, 16, 24, generator=g)
+    x = torch.randn(2, cfg.in_channels, *size, generator=g)
     t = torch.tensor([999.0, 1.5])
     context = torch.randn(2, 7, cfg.context_dim, generator=g)
     with torch.no_grad():

@@ -13,12 +13,10 @@ import torch
 from conftest import TINY_SD1
 from kdiffusion_ref import load as load_kdiffusion
 from PIL import Image
-from reference import reference_clip, reference_unet, reference_vae
-from safetensors.torch import load_file
+from reference import reference_models_from_file, reference_tokenizer, sd15_ddim_scheduler
 from typer.testing import CliRunner
 
 from sdcli.cli import app
-from sdcli.families import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 from sdcli.images import parse_infotext, read_png_parameters
 
 PROMPT, NEGATIVE, SEED, STEPS, CFG, SIZE = "a photo of a cat", "blurry", 1234, 6, 5.0, 64
@@ -41,23 +39,7 @@ def generate(checkpoint: str, out: Path, sampler: str, *extra: str):
 
 @pytest.fixture(scope="module")
 def reference_models(tiny_checkpoint):
-    sd = load_file(tiny_checkpoint)
-
-    def part(prefix):
-        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-
-    unet = reference_unet(part(UNET_PREFIX), TINY_SD1.unet, TINY_SD1.vae)
-    vae = reference_vae(part(VAE_PREFIX), TINY_SD1.unet, TINY_SD1.vae)
-    clip = reference_clip(part(CLIP_PREFIX), TINY_SD1.clip)
-    return unet, vae, clip
-
-
-def reference_tokenizer():
-    from importlib.resources import files
-
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(str(files("sdcli") / "data"), local_files_only=True, model_max_length=77)
+    return reference_models_from_file(tiny_checkpoint, TINY_SD1)
 
 
 def to_unit_range(images: torch.Tensor) -> np.ndarray:
@@ -65,13 +47,10 @@ def to_unit_range(images: torch.Tensor) -> np.ndarray:
 
 
 def test_ddim_equals_diffusers_stable_diffusion_pipeline(tiny_checkpoint, reference_models, tmp_path):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     unet, vae, clip = reference_models
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, set_alpha_to_one=False, clip_sample=False,
-    )  # fmt: skip
+    scheduler = sd15_ddim_scheduler()
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=clip, tokenizer=reference_tokenizer(), unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

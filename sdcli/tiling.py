@@ -1,0 +1,198 @@
+"""VAE decode and encode in overlapping tiles, and the decode policy the pipeline uses.
+
+A 2048x2048 image is a 256x256 latent; decoding it whole needs the decoder's 128-channel feature maps
+at full resolution (several GB) and a 65536x65536 attention in its middle block. In tiles of 64x64
+latents the peak is that of one 512x512 decode. Neighbouring tiles overlap, and the overlap is blended
+with linear ramps (each output pixel is a weighted mean of the tiles covering it, weights summing to 1),
+so no seams show.
+
+Tiles cannot reproduce the whole decode exactly: the VAE's group norms and its middle-block attention
+see only their tile. The ramps hide the edges; the remaining difference is small but not zero.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+from sdcli.models.vae import AutoencoderKL
+
+# Above this many latent pixels (96x96 latents = 768x768 pixels for SD) `decode` tiles by default.
+AUTO_TILE_LATENT_AREA = 96 * 96
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# How allocation failures read on the CPU and MPS, where they are plain RuntimeErrors.
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of `tile` units covering `size`, each overlapping the next by >= `overlap`.
+
+    The last tile is aligned to the end so that every tile has the full size (the decoder behaves best
+    on the size it was trained at); its overlap with the previous one may then be larger.
+    """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be at least 0 and less than the tile size, got {overlap} and {tile}")
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    return [*starts, size - tile]
+
+
+def ramp_weights(size: int, starts: Sequence[int], tile: int, scale: int) -> list[torch.Tensor]:
+    """Per-tile 1-D blending weights in output units (`scale` output pixels per unit).
+
+    A tile's weight rises linearly across the part it shares with the previous tile and falls across
+    the part it shares with the next one; at the image borders it stays 1. The ramps never reach 0, so
+    every output pixel has a positive total weight, and `_blend` divides by that total.
+    """
+    weights = []
+    for i, start in enumerate(starts):
+        w = torch.ones(min(tile, size) * scale)
+        if i > 0:
+            rise = (starts[i - 1] + tile - start) * scale  # width shared with the previous tile
+            w[:rise] = torch.minimum(w[:rise], (torch.arange(rise) + 0.5) / rise)
+        if i + 1 < len(starts):
+            fall = (start + tile - starts[i + 1]) * scale  # width shared with the next tile
+            w[-fall:] = torch.minimum(w[-fall:], (torch.arange(fall, 0, -1) - 0.5) / fall)
+        weights.append(w)
+    return weights
+
+
+def _blend(
+    fn: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+    x: torch.Tensor,
+    tile: int,
+    overlap: int,
+    in_scale: int,
+    out_scale: int,
+) -> list[torch.Tensor]:
+    """Apply `fn` to overlapping tiles of `x` and blend its outputs into whole-size float32 tensors.
+
+    Sizes are counted in units: a unit is `in_scale` pixels of `x` and `out_scale` pixels of each
+    output (decode: 1 latent pixel -> f image pixels; encode: f image pixels -> 1 latent pixel).
+    """
+    height, width = x.shape[-2] // in_scale, x.shape[-1] // in_scale
+    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    row_w = ramp_weights(height, rows, tile, out_scale)
+    col_w = ramp_weights(width, cols, tile, out_scale)
+    outputs: list[torch.Tensor] = []
+    total = torch.zeros(height * out_scale, width * out_scale, device=x.device)
+    for r, top in enumerate(rows):
+        for c, left in enumerate(cols):
+            piece = x[..., top * in_scale : (top + tile) * in_scale, left * in_scale : (left + tile) * in_scale]
+            results = fn(piece)
+            weight = (row_w[r][:, None] * col_w[c][None, :]).to(x.device)  # (h, w) of this tile's output
+            window = (
+                slice(top * out_scale, top * out_scale + weight.shape[0]),
+                slice(left * out_scale, left * out_scale + weight.shape[1]),
+            )
+            if not outputs:  # allocated once the first tile shows the batch and channel sizes
+                outputs = [r.new_zeros((*r.shape[:-2], *total.shape), dtype=torch.float32) for r in results]
+            for out, result in zip(outputs, results, strict=True):
+                out[(..., *window)] += result.float() * weight
+            total[window] += weight
+    return [out / total for out in outputs]
+
+
+@torch.inference_mode()
+def decode_tiled(vae: AutoencoderKL, z: torch.Tensor, tile_latent: int = 64, overlap_latent: int = 16) -> torch.Tensor:
+    """Unscaled latents (B, 4, h, w) -> image (B, 3, fh, fw) in float32, decoded in blended tiles.
+
+    Tiles are `tile_latent` latent pixels square (64 = 512 image pixels for SD, the training size) and
+    overlap by at least `overlap_latent`. A latent no larger than one tile is decoded whole.
+    """
+    if z.shape[-2] <= tile_latent and z.shape[-1] <= tile_latent:
+        return vae.decode(z).float()
+    (image,) = _blend(lambda piece: (vae.decode(piece),), z, tile_latent, overlap_latent, 1, vae.downscale)
+    return image
+
+
+@torch.inference_mode()
+def encode_tiled(
+    vae: AutoencoderKL, x: torch.Tensor, tile: int = 512, overlap: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image (B, 3, H, W) in [-1, 1] -> latent mean and log-variance (B, 4, H/f, W/f) in float32, in tiles.
+
+    `tile` and `overlap` are image pixels and are rounded down to multiples of the VAE's downscale
+    factor f; H and W must be multiples of f. The moments are blended as diffusers' tiled encode does.
+    """
+    f = vae.downscale
+    if x.shape[-2] % f or x.shape[-1] % f:
+        raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the VAE's factor {f}")
+    if x.shape[-2] <= tile and x.shape[-1] <= tile:
+        mean, logvar = vae.encode(x)
+        return mean.float(), logvar.float()
+    mean, logvar = _blend(vae.encode, x, tile // f, overlap // f, f, 1)
+    return mean, logvar
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for an allocation failure: CUDA's OutOfMemoryError, or the CPU's and MPS's RuntimeError."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in OOM_MESSAGES)
+
+
+@torch.inference_mode()
+def decode(
+    vae: AutoencoderKL,
+    z: torch.Tensor,
+    *,
+    tiling: bool | None = None,
+    warn: Callable[[str], None] | None = None,
+    tile_latent: int = 64,
+    overlap_latent: int = 16,
+) -> torch.Tensor:
+    """Unscaled latents (B, 4, h, w) -> image (B, 3, fh, fw) in float32: the decode the pipeline uses.
+
+    `tiling`: True always tiles; False never does; None (auto) tiles latents larger than 96x96 (768x768
+    pixels for SD) and retries in tiles after running out of memory. If a half-precision VAE gives
+    non-finite values (some VAEs overflow in fp16), the latents are decoded again by a temporary fp32
+    copy of the VAE. Each fallback is reported through `warn` (default: `warnings.warn`) in one line.
+    """
+    report = warn or _warn
+    z = z.to(next(vae.parameters()).dtype)
+    tiled = tiling if tiling is not None else z.shape[-2] * z.shape[-1] > AUTO_TILE_LATENT_AREA
+    try:
+        image = _decode_once(vae, z, tiled, tile_latent, overlap_latent)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if tiled or tiling is False or not is_out_of_memory(e):
+            raise
+        report(
+            f"VAE decode ran out of memory at {z.shape[-1] * vae.downscale}x{z.shape[-2] * vae.downscale}; "
+            "decoding in tiles instead"
+        )
+        _release_cached_memory(z.device)
+        tiled = True
+        image = _decode_once(vae, z, tiled, tile_latent, overlap_latent)
+    if z.dtype in HALF_DTYPES and not torch.isfinite(image).all():
+        report(f"VAE decode in {_dtype_name(z.dtype)} gave non-finite values; decoding again in fp32")
+        del image
+        with torch.inference_mode(False), torch.no_grad():  # an ordinary module, not inference tensors
+            vae32 = copy.deepcopy(vae).float()
+        image = _decode_once(vae32, z.float(), tiled, tile_latent, overlap_latent)
+    return image
+
+
+def _decode_once(vae: AutoencoderKL, z: torch.Tensor, tiled: bool, tile: int, overlap: int) -> torch.Tensor:
+    return decode_tiled(vae, z, tile, overlap) if tiled else vae.decode(z).float()
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def _warn(message: str) -> None:
+    # Frames: _warn, decode, torch's inference_mode wrapper, then the caller the warning should name.
+    warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -1,0 +1,271 @@
+"""Tiled VAE decode/encode and the decode policy: blending, closeness to the whole decode, fallbacks."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_UNETS, TINY_VAES, randomize_
+from reference import reference_vae
+from torch import nn
+
+from sdcli import tiling
+from sdcli.models.vae import AutoencoderKL
+from sdcli.tiling import decode, decode_tiled, encode_tiled, is_out_of_memory, ramp_weights, tile_starts
+
+
+class LocalVAE(nn.Module):
+    """A stand-in whose every output pixel depends only on its own input pixel: tiling must be exact."""
+
+    downscale = 4
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Conv2d(4, 3, 1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(torch.tanh(self.mix(z)), scale_factor=self.downscale, mode="nearest")
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = F.avg_pool2d(x, self.downscale)
+        return torch.cat([pooled, pooled[:, :1]], 1), pooled.square().sum(1, keepdim=True).repeat(1, 4, 1, 1)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Mean absolute difference relative to the mean magnitude of `expected`."""
+    return ((actual - expected).abs().mean() / expected.abs().mean()).item()
+
+
+def set_diffusers_tiling(ref, tile_latent: int, overlap_latent: int, downscale: int) -> None:
+    ref.use_tiling = True
+    ref.tile_latent_min_size = tile_latent
+    ref.tile_sample_min_size = tile_latent * downscale
+    ref.tile_overlap_factor = overlap_latent / tile_latent
+
+
+@pytest.mark.parametrize(
+    "size, tile, overlap, expected",
+    [
+        (40, 64, 16, [0]),  # smaller than a tile: one tile
+        (64, 64, 16, [0]),
+        (65, 64, 16, [0, 1]),  # the last tile is aligned to the end, not cut short
+        (112, 64, 16, [0, 48]),
+        (256, 64, 16, [0, 48, 96, 144, 192]),  # 2048 pixels for SD
+        (100, 32, 0, [0, 32, 64, 68]),
+    ],
+)
+def test_tile_starts_cover_the_size_with_full_tiles(size, tile, overlap, expected):
+    starts = tile_starts(size, tile, overlap)
+    assert starts == expected
+    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:], strict=False))  # overlap kept
+
+
+def test_tile_starts_refuses_overlap_as_large_as_the_tile():
+    with pytest.raises(ValueError, match="overlap"):
+        tile_starts(100, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "size, tile, overlap, scale", [(112, 64, 16, 8), (256, 64, 16, 1), (65, 64, 16, 8), (50, 20, 6, 3)]
+)
+def test_ramp_weights_sum_to_one_everywhere(size, tile, overlap, scale):
+    starts = tile_starts(size, tile, overlap)
+    total = torch.zeros(size * scale)
+    for start, w in zip(starts, ramp_weights(size, starts, tile, scale), strict=True):
+        assert (w > 0).all() and (w <= 1).all()
+        total[start * scale : start * scale + len(w)] += w
+    torch.testing.assert_close(total, torch.ones_like(total))
+
+
+def test_tiled_decode_and_encode_are_exact_for_a_pixelwise_vae():
+    vae = randomize_(LocalVAE())
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 40, 56, generator=g)
+    torch.testing.assert_close(decode_tiled(vae, z, 16, 6), vae.decode(z))
+    x = torch.rand(2, 3, 160, 224, generator=g) * 2 - 1
+    for tiled, whole in zip(encode_tiled(vae, x, 64, 24), vae.encode(x), strict=True):
+        torch.testing.assert_close(tiled, whole)
+
+
+# Tiles cannot equal the whole decode: group norms and the middle block's attention see one tile only.
+# Measured on these random tiny VAEs (latents 48x40, tiles 32 with overlap 16, 4 tiles): mean relative
+# error about 0.05-0.09 for ours and 0.07-0.12 for diffusers' own tiled decode with the same tile and
+# overlap. The test asks for no worse than diffusers, and a bound with some margin over what we measured.
+MAX_TILED_ERROR = 0.12
+
+
+@pytest.mark.parametrize("name", sorted(TINY_VAES))
+def test_tiled_decode_is_close_to_whole_decode_and_no_worse_than_diffusers(name):
+    cfg = TINY_VAES[name]
+    vae = randomize_(AutoencoderKL(cfg), seed=2)
+    f = vae.downscale
+    z = torch.randn(1, cfg.embed_dim, 48, 40, generator=torch.Generator().manual_seed(0))
+    tile, overlap = 32, 16
+    assert len(tile_starts(48, tile, overlap)) * len(tile_starts(40, tile, overlap)) == 4
+    ref = reference_vae(vae.state_dict(), TINY_UNETS["a"], cfg)
+    set_diffusers_tiling(ref, tile, overlap, f)
+    with torch.no_grad():
+        whole = vae.decode(z)
+        theirs = ref.decode(z).sample
+    ours = decode_tiled(vae, z, tile, overlap)
+    assert ours.shape == whole.shape == (1, 3, 48 * f, 40 * f)
+    assert relative_error(ours, whole) <= min(MAX_TILED_ERROR, relative_error(theirs, whole))
+
+
+@pytest.mark.parametrize("name", sorted(TINY_VAES))
+def test_tiled_encode_is_close_to_whole_encode_and_no_worse_than_diffusers(name):
+    cfg = TINY_VAES[name]
+    vae = randomize_(AutoencoderKL(cfg), seed=2)
+    f = vae.downscale
+    x = torch.rand(1, 3, 48 * f, 40 * f, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ref = reference_vae(vae.state_dict(), TINY_UNETS["a"], cfg)
+    set_diffusers_tiling(ref, 32, 16, f)
+    with torch.no_grad():
+        mean, logvar = vae.encode(x)
+        theirs = ref.encode(x).latent_dist
+    tiled_mean, tiled_logvar = encode_tiled(vae, x, 32 * f, 16 * f)
+    assert tiled_mean.shape == mean.shape
+    assert relative_error(tiled_mean, mean) <= min(MAX_TILED_ERROR, relative_error(theirs.mean, mean))
+    assert relative_error(tiled_logvar, logvar) <= MAX_TILED_ERROR
+
+
+def test_encode_tiled_refuses_sizes_that_are_not_multiples_of_the_factor():
+    vae = LocalVAE()
+    with pytest.raises(ValueError, match="multiple"):
+        encode_tiled(vae, torch.zeros(1, 3, 130, 128), 64, 16)
+
+
+@pytest.fixture
+def tiny_vae() -> AutoencoderKL:
+    return randomize_(AutoencoderKL(TINY_VAES["a"]), seed=3)
+
+
+def overflow_below_fp32(module: nn.Module) -> None:
+    """Make `module` give inf whenever it runs in less than fp32, as an fp16-unsafe VAE does."""
+
+    def hook(_module, _inputs, output):
+        return output if output.dtype == torch.float32 else torch.full_like(output, float("inf"))
+
+    module.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_non_finite_half_precision_decode_is_redone_in_fp32(tiny_vae, dtype, tiled):
+    z = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = decode_tiled(tiny_vae, z, 8, 4) if tiled else tiny_vae.decode(z)
+    half = tiny_vae.to(dtype)
+    overflow_below_fp32(half.decoder)
+    messages = []
+    image = decode(half, z, tiling=tiled, warn=messages.append, tile_latent=8, overlap_latent=4)
+    assert len(messages) == 1 and "non-finite" in messages[0] and "fp32" in messages[0]
+    assert image.dtype == torch.float32 and torch.isfinite(image).all()
+    torch.testing.assert_close(image, expected, rtol=0, atol=1e-2 * expected.abs().max().item())
+    assert next(half.parameters()).dtype == dtype  # the caller's VAE is left in its precision
+
+
+def test_fp32_fallback_warns_through_warnings_by_default(tiny_vae):
+    half = tiny_vae.to(torch.bfloat16)
+    overflow_below_fp32(half.decoder)
+    with pytest.warns(RuntimeWarning, match="decoding again in fp32"):
+        image = decode(half, torch.randn(1, 4, 8, 8), tiling=False)
+    assert torch.isfinite(image).all()
+
+
+def test_finite_decode_is_not_redone_and_does_not_warn(tiny_vae):
+    z = torch.randn(1, 4, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = decode(tiny_vae.to(torch.bfloat16), z, tiling=False)
+    assert image.dtype == torch.float32 and torch.isfinite(image).all()
+
+
+@pytest.fixture
+def tiled_calls(monkeypatch) -> list:
+    """Record the latent shapes `decode` hands to `decode_tiled`."""
+    calls = []
+    real = tiling.decode_tiled
+
+    def spy(vae, z, *args):
+        calls.append(tuple(z.shape))
+        return real(vae, z, *args)
+
+    monkeypatch.setattr(tiling, "decode_tiled", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "tiling_arg, size, expect_tiled",
+    [(None, 12, True), (None, 8, False), (True, 8, True), (False, 12, False)],
+)
+def test_decode_tiles_when_asked_or_above_the_area_threshold(
+    monkeypatch, tiny_vae, tiled_calls, tiling_arg, size, expect_tiled
+):
+    monkeypatch.setattr(tiling, "AUTO_TILE_LATENT_AREA", 10 * 10)
+    decode(tiny_vae, torch.randn(1, 4, size, size), tiling=tiling_arg, tile_latent=8, overlap_latent=4)
+    assert bool(tiled_calls) == expect_tiled
+
+
+def test_default_threshold_is_above_768_pixels_for_sd(tiled_calls, monkeypatch):
+    monkeypatch.setattr(tiling, "_decode_once", lambda vae, z, tiled, *_: torch.tensor(float(tiled)))
+    vae = LocalVAE()
+    assert decode(vae, torch.zeros(1, 4, 96, 96)).item() == 0.0  # 768x768
+    assert decode(vae, torch.zeros(1, 4, 96, 104)).item() == 1.0  # 832x768
+
+
+def oom_above(vae: nn.Module, side: int, error: Exception) -> None:
+    """Make `vae.decode` fail with `error` on latents larger than `side`, as a GPU with little memory would."""
+    real = vae.decode
+
+    def decode_or_fail(z):
+        if max(z.shape[-2:]) > side:
+            raise error
+        return real(z)
+
+    vae.decode = decode_or_fail
+
+
+@pytest.mark.parametrize(
+    "error",
+    [torch.OutOfMemoryError("CUDA out of memory."), RuntimeError("DefaultCPUAllocator: can't allocate memory")],
+)
+def test_out_of_memory_decode_is_retried_in_tiles(tiny_vae, tiled_calls, error):
+    z = torch.randn(1, 4, 12, 12)
+    expected = decode_tiled(tiny_vae, z, 8, 4)
+    tiled_calls.clear()
+    oom_above(tiny_vae, 8, error)
+    messages = []
+    image = decode(tiny_vae, z, warn=messages.append, tile_latent=8, overlap_latent=4)
+    assert tiled_calls == [(1, 4, 12, 12)]
+    assert len(messages) == 1 and "out of memory" in messages[0]
+    torch.testing.assert_close(image, expected)
+
+
+def test_out_of_memory_is_raised_when_tiling_is_off_or_already_on(tiny_vae):
+    oom_above(tiny_vae, 4, torch.OutOfMemoryError("CUDA out of memory."))
+    z = torch.randn(1, 4, 12, 12)
+    with pytest.raises(torch.OutOfMemoryError):
+        decode(tiny_vae, z, tiling=False)
+    with pytest.raises(torch.OutOfMemoryError):
+        decode(tiny_vae, z, tiling=True, tile_latent=8, overlap_latent=4)
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(tiny_vae):
+    oom_above(tiny_vae, 4, RuntimeError("Given groups=1, weight of size [64, 4, 3, 3], expected input"))
+    with pytest.raises(RuntimeError, match="groups"):
+        decode(tiny_vae, torch.randn(1, 4, 12, 12))
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 17179869184 bytes"), True),
+        (RuntimeError("MPS backend out of memory (MPS allocated: 9.00 GB)"), True),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+        (ValueError("out of memory"), False),
+    ],
+)
+def test_is_out_of_memory(error, expected):
+    assert is_out_of_memory(error) is expected
