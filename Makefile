@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(MAKE) install
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check sdcli tests bench scripts
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
