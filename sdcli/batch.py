@@ -10,7 +10,6 @@ from PIL import Image
 
 from sdcli import __version__
 from sdcli.checkpoint import StableDiffusion
-from sdcli.download import short_hash
 from sdcli.errors import UsageError
 from sdcli.images import (
     ResizeMode,
@@ -25,7 +24,8 @@ from sdcli.images import (
     to_pil,
 )
 from sdcli.pipeline import GenerationRequest, generate
-from sdcli.samplers import resolve_sampler
+from sdcli.sampler_names import resolve_sampler
+from sdcli.weights import short_hash
 
 DEFAULT_OUTDIR = Path("outputs")
 _LEADING_NUMBER = re.compile(r"^(\d+)-")

@@ -266,7 +266,8 @@ def _warner(quiet: bool):
 def _load(opts: dict):
     from sdcli.checkpoint import load_model
     from sdcli.devices import resolve_device, resolve_dtype
-    from sdcli.download import resolve_model, weights_dir
+    from sdcli.download import resolve_model
+    from sdcli.weights import weights_dir
 
     device = resolve_device(opts["device"])
     dtype = resolve_dtype(opts["dtype"], device)
@@ -312,11 +313,13 @@ def download(
 ) -> None:
     """Download a model into the weights folder (verified, resumable). Prints the file's path."""
     from sdcli import download as downloads
+    from sdcli.weights import find_local_model
+    from sdcli.weights import weights_dir as resolve_weights_dir
 
-    directory = downloads.weights_dir(weights_dir)
+    directory = resolve_weights_dir(weights_dir)
     if list_:
         for entry in downloads.REGISTRY.values():
-            here = "downloaded" if downloads.find_local_model(entry.name, directory) else ""
+            here = "downloaded" if find_local_model(entry.name, directory) else ""
             default = " (default)" if entry.name == downloads.DEFAULT_MODEL else ""
             typer.echo(f"{entry.name + default:<22} {entry.description:<62} {here}".rstrip())
             typer.echo(f"{'':<22} {entry.url}")
@@ -332,11 +335,11 @@ def models(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per model on stdout.")] = False,
 ) -> None:
     """List the models in the weights folder: name, family, size, dtype and short hash."""
-    from sdcli.download import list_local_models, short_hash
-    from sdcli.download import weights_dir as resolve_weights_dir
     from sdcli.errors import CheckpointError
     from sdcli.families import detect
     from sdcli.header import read_header
+    from sdcli.weights import list_local_models, short_hash
+    from sdcli.weights import weights_dir as resolve_weights_dir
 
     directory = resolve_weights_dir(weights_dir)
     if not as_json:

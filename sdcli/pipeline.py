@@ -17,7 +17,7 @@ from sdcli.checkpoint import StableDiffusion
 from sdcli.denoiser import DiscreteDenoiser, guided_unet
 from sdcli.errors import UsageError
 from sdcli.images import from_pil
-from sdcli.samplers import SamplerSpec, resolve_sampler
+from sdcli.sampler_names import SamplerSpec, resolve_sampler
 from sdcli.schedules import alphas_cumprod_sd, ddim_timesteps, make_sigmas
 
 MAX_SEED = 2**32 - 1

@@ -17,12 +17,9 @@ The step formulas mirror k-diffusion 0.1.1 and diffusers' schedulers term by ter
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from sdcli.errors import UsageError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -535,63 +532,3 @@ def sample_ddpm(
             mean = mean + variance**0.5 * noise
         x = mean
     return x
-
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    """A named sampler: `fn` with the grid it walks.
-
-    kind "sigma": fn(denoiser, x, sigmas) with sigmas from `schedules.make_sigmas(schedule, ...)`;
-    kind "timestep": fn(eps_model, x, timesteps, alphas_cumprod) with `schedules.ddim_timesteps`
-    (schedule "leading").
-    """
-
-    name: str
-    display_name: str
-    fn: Callable[..., torch.Tensor]
-    schedule: str
-    kind: str
-
-
-_SIGMA_SAMPLERS = (  # (our name, A1111 display name, function)
-    ("euler", "Euler", sample_euler),
-    ("euler_a", "Euler a", sample_euler_ancestral),
-    ("heun", "Heun", sample_heun),
-    ("dpm2", "DPM2", sample_dpm_2),
-    ("dpm2_a", "DPM2 a", sample_dpm_2_ancestral),
-    ("lms", "LMS", sample_lms),
-    ("dpmpp_2s_a", "DPM++ 2S a", sample_dpmpp_2s_ancestral),
-    ("dpmpp_2m", "DPM++ 2M", sample_dpmpp_2m),
-    ("dpmpp_sde", "DPM++ SDE", sample_dpmpp_sde),
-    ("dpmpp_2m_sde", "DPM++ 2M SDE", sample_dpmpp_2m_sde),
-)
-
-
-def _build_registry() -> dict[str, SamplerSpec]:
-    specs = []
-    for name, display, fn in _SIGMA_SAMPLERS:
-        specs.append(SamplerSpec(name, display, fn, "normal", "sigma"))
-        specs.append(SamplerSpec(f"{name}_karras", f"{display} Karras", fn, "karras", "sigma"))
-        specs.append(SamplerSpec(f"{name}_exponential", f"{display} Exponential", fn, "exponential", "sigma"))
-    specs.append(SamplerSpec("ddim", "DDIM", sample_ddim, "leading", "timestep"))
-    specs.append(SamplerSpec("ddpm", "DDPM", sample_ddpm, "leading", "timestep"))
-    return {spec.name: spec for spec in specs}
-
-
-SAMPLERS: dict[str, SamplerSpec] = _build_registry()
-# Lower-cased names and A1111 display names -> our name.
-_ALIASES: dict[str, str] = {
-    key.lower(): spec.name for spec in SAMPLERS.values() for key in (spec.name, spec.display_name)
-}
-
-
-def resolve_sampler(name: str) -> SamplerSpec:
-    """The sampler for our name ("dpmpp_2m_karras") or an A1111 display name ("DPM++ 2M Karras"),
-    case-insensitively. Raises UsageError listing the valid names otherwise."""
-    key = " ".join(name.split()).lower()
-    if key not in _ALIASES:
-        raise UsageError(
-            f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)} "
-            "(A1111 display names such as 'DPM++ 2M Karras' or 'Euler a' work too)"
-        )
-    return SAMPLERS[_ALIASES[key]]

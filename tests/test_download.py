@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 from fake_hub import FakeHub, make_safetensors
 
 from sdcli import download as dl
+from sdcli import weights as weights_module
 from sdcli.errors import UsageError
 
 REPO = "sdcli-test/tiny"
@@ -91,7 +91,7 @@ def test_hub_file_is_downloaded_verified_and_renamed(hub, weights):
     assert leftovers(weights) == []
     assert [r.method for r in hub.seen("hub")] == ["HEAD"]  # metadata from the hub, bytes from the CDN
     assert len(hub.seen("cdn", "GET")) == 1
-    assert dl.sha256_file(path) == SHA
+    assert weights_module.sha256_file(path) == SHA
 
 
 def test_existing_verified_file_is_returned_without_network(hub, weights):
@@ -353,85 +353,14 @@ def test_default_model_offline_and_absent_says_run_sdcli_download_sd15(weights, 
     assert capsys.readouterr().out == ""
 
 
-# -- directories and local models -------------------------------------------------------------------
-
-
-def test_weights_dir_precedence_explicit_env_checkout_user(tmp_path, monkeypatch):
-    checkout = tmp_path / "checkout"
-    (checkout / "sdcli").mkdir(parents=True)
-    (checkout / "weights").mkdir()
-    (checkout / "pyproject.toml").write_text("[project]\nname = 'sdcli'\n")
-    monkeypatch.setattr(dl, "_PACKAGE_DIR", checkout / "sdcli")
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    monkeypatch.chdir(tmp_path)  # the answer must not depend on the working directory
-
-    assert dl.weights_dir() == checkout / "weights"
-    monkeypatch.setenv("SDCLI_WEIGHTS_DIR", str(tmp_path / "env"))
-    assert dl.weights_dir() == tmp_path / "env"
-    assert dl.weights_dir("explicit") == tmp_path / "explicit"
-    assert dl.weights_dir(tmp_path / "explicit") == tmp_path / "explicit"
-
-    monkeypatch.delenv("SDCLI_WEIGHTS_DIR")
-    monkeypatch.setattr(dl, "_PACKAGE_DIR", tmp_path / "site-packages" / "sdcli")  # an installed copy
-    if sys.platform.startswith("linux"):
-        assert dl.weights_dir() == tmp_path / "xdg" / "sdcli" / "weights"
-    assert dl.weights_dir().is_absolute()
-
-
-def test_find_local_model_by_alias_stem_file_name_or_path(tmp_path, monkeypatch):
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    for name in ("mine.safetensors", dl.REGISTRY["sd15"].filename, "notes.txt"):
-        (weights / name).write_bytes(b"x")
-
-    assert dl.find_local_model("sd15", weights) == weights / dl.REGISTRY["sd15"].filename
-    assert dl.find_local_model("mine", weights) == weights / "mine.safetensors"
-    assert dl.find_local_model("mine.safetensors", weights) == weights / "mine.safetensors"
-    assert dl.find_local_model(str(weights / "mine.safetensors"), tmp_path) == weights / "mine.safetensors"
-    assert dl.find_local_model("sd15-inpaint", weights) is None  # known but not downloaded
-    assert dl.find_local_model("notes", weights) is None
-    assert dl.find_local_model("../weights/mine", weights) is None
-
-
-def test_list_local_models_lists_only_finished_safetensors(tmp_path):
-    (tmp_path / "b.safetensors").write_bytes(b"x")
-    (tmp_path / "a.safetensors").write_bytes(b"x")
-    (tmp_path / "c.safetensors.part").write_bytes(b"x")
-    (tmp_path / ".c.safetensors.lock").write_bytes(b"")
-    (tmp_path / "d.ckpt").write_bytes(b"x")
-
-    assert dl.list_local_models(tmp_path) == [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
-    assert dl.list_local_models(tmp_path / "absent") == []
-
-
 # -- hashes -----------------------------------------------------------------------------------------
-
-
-def test_sha256_is_cached_until_the_file_changes(tmp_path, monkeypatch):
-    path = tmp_path / "m.safetensors"
-    path.write_bytes(DATA)
-    reads = []
-    real = dl._compute_sha256
-    monkeypatch.setattr(dl, "_compute_sha256", lambda p: reads.append(p) or real(p))
-
-    assert dl.sha256_file(path) == SHA
-    assert dl.sha256_file(path) == SHA
-    assert dl.short_hash(path) == SHA[:10]
-    assert len(reads) == 1
-    assert (tmp_path / "cache" / "sha256.json").is_file()
-
-    path.write_bytes(DATA[::-1])
-    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
-    assert dl.sha256_file(path) == hashlib.sha256(DATA[::-1]).hexdigest()
-    assert len(reads) == 2
-    assert dl.sha256_file(path, cache=False) and len(reads) == 3
 
 
 def test_a_download_seeds_the_hash_cache(hub, weights, monkeypatch):
     path = dl.download(f"{REPO}/{FILE}", weights, progress=False)
-    monkeypatch.setattr(dl, "_compute_sha256", lambda p: pytest.fail("hashed again"))
+    monkeypatch.setattr(weights_module, "_compute_sha256", lambda p: pytest.fail("hashed again"))
 
-    assert dl.short_hash(path) == SHA[:10]
+    assert weights_module.short_hash(path) == SHA[:10]
 
 
 # -- imports ----------------------------------------------------------------------------------------

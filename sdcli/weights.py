@@ -1,0 +1,167 @@
+"""The local side of model files: the weights directory, the models in it, and their sha256 hashes.
+
+Imports no torch and no huggingface_hub, so the CLI can resolve names, directories and hashes instantly.
+The alias registry and the downloads live in `sdcli.download`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "SUFFIX",
+    "find_local_model",
+    "list_local_models",
+    "sha256_file",
+    "short_hash",
+    "weights_dir",
+]
+
+SUFFIX = ".safetensors"
+_PACKAGE_DIR = Path(__file__).resolve().parent  # tests point this elsewhere to fake a source checkout
+
+
+# --------------------------------------------------------------------------------------------------
+# Directories
+
+
+def weights_dir(explicit: str | Path | None = None) -> Path:
+    """The weights directory: `--weights-dir`, else `$SDCLI_WEIGHTS_DIR`, else `weights/` of a source
+    checkout (the folder above the `sdcli` package holds `pyproject.toml` and `weights/`), else a per-user
+    data directory (`$XDG_DATA_HOME/sdcli/weights`, `~/.local/share/sdcli/weights`; macOS
+    `~/Library/Application Support/sdcli/weights`; Windows `%LOCALAPPDATA%\\sdcli\\weights`).
+
+    The result is absolute and does not depend on the working directory (cron starts in `$HOME`). The
+    directory is not created here; `download` creates it.
+    """
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    env = os.environ.get("SDCLI_WEIGHTS_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    root = _PACKAGE_DIR.parent
+    if (root / "pyproject.toml").is_file() and (root / "weights").is_dir():
+        return (root / "weights").resolve()
+    return _user_dir("data") / "weights"
+
+
+def _user_dir(kind: Literal["data", "cache"]) -> Path:
+    """The per-user data or cache directory for sdcli, by each platform's convention."""
+    home = Path.home()
+    if sys.platform == "darwin":
+        return home / "Library" / ("Application Support" if kind == "data" else "Caches") / "sdcli"
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local") / "sdcli"
+        return base if kind == "data" else base / "Cache"
+    var, default = (
+        ("XDG_DATA_HOME", home / ".local" / "share") if kind == "data" else ("XDG_CACHE_HOME", home / ".cache")
+    )
+    xdg = os.environ.get(var)
+    # The XDG spec says to ignore relative paths.
+    return (Path(xdg) if xdg and os.path.isabs(xdg) else default) / "sdcli"
+
+
+# --------------------------------------------------------------------------------------------------
+# Local models
+
+
+def list_local_models(weights_dir: str | Path) -> list[Path]:
+    """The `.safetensors` files directly in the weights directory, sorted by name (none if it is absent)."""
+    directory = Path(weights_dir)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob(f"*{SUFFIX}") if p.is_file() and not p.name.startswith("."))
+
+
+def find_local_model(name: str, weights_dir: str | Path) -> Path | None:
+    """Resolve `--model NAME` to a downloaded file, or None.
+
+    NAME may be a registry alias (its file in the weights directory), a file stem or a file name in the
+    weights directory, or a path to an existing `.safetensors` file.
+    """
+    from sdcli.download import REGISTRY  # here, not at the top: sdcli.download imports this module
+
+    directory = Path(weights_dir)
+    entry = REGISTRY.get(name)
+    candidates = [entry.filename] if entry is not None else []
+    if "/" not in name and "\\" not in name and name not in ("", ".", ".."):
+        candidates += [name, name + SUFFIX] if not name.endswith(SUFFIX) else [name]
+    for candidate in candidates:
+        path = directory / candidate
+        if path.suffix == SUFFIX and path.is_file():
+            return path.resolve()
+    path = Path(name).expanduser()
+    if path.suffix == SUFFIX and path.is_file():
+        return path.resolve()
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Hashes
+
+
+def sha256_file(path: str | Path, cache: bool = True) -> str:
+    """The file's sha256 (hex). With `cache`, remembered in a JSON file in the user cache directory
+    (`$SDCLI_CACHE_DIR` overrides it) keyed by absolute path, size and mtime_ns, so that a multi-GB
+    model is read once, not at every run."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = str(path)
+    if cache:
+        known = _read_hash_cache().get(key)
+        if known is not None and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+            return str(known["sha256"])
+    digest = _compute_sha256(path)
+    if cache:
+        _remember_sha256(path, digest)
+    return digest
+
+
+def short_hash(path: str | Path) -> str:
+    """The first 10 hex digits of the sha256: AUTOMATIC1111's "Model hash"."""
+    return sha256_file(path)[:10]
+
+
+def _compute_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(1 << 23)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _hash_cache_path() -> Path:
+    base = os.environ.get("SDCLI_CACHE_DIR")
+    return (Path(base).expanduser() if base else _user_dir("cache")) / "sha256.json"
+
+
+def _read_hash_cache() -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(_hash_cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or damaged: the cache only saves time
+        return {}
+    files = data.get("files") if isinstance(data, dict) else None
+    return files if isinstance(files, dict) else {}
+
+
+def _remember_sha256(path: Path, digest: str) -> None:
+    """Record a file's hash in the cache; entries of files that are gone are dropped."""
+    path = path.resolve()
+    stat = path.stat()
+    files = {k: v for k, v in _read_hash_cache().items() if os.path.exists(k)}
+    files[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    cache = _hash_cache_path()
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"version": 1, "files": files}, indent=1), encoding="utf-8")
+        os.replace(tmp, cache)  # atomic, so a concurrent reader never sees half a file
+    except OSError:
+        tmp.unlink(missing_ok=True)
