@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import secrets
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -74,7 +72,7 @@ def main_options(
 
 
 # Options shared by the generating commands.
-Prompt = Annotated[str, typer.Argument(help="What to draw.")]
+Prompt = Annotated[str | None, typer.Argument(help="What to draw.", show_default=False)]
 Negative = Annotated[str, typer.Option("--negative", "-n", help="What to steer away from.")]
 Model = Annotated[
     str | None,
@@ -102,7 +100,23 @@ WeightsDir = Annotated[
 ]
 Offline = Annotated[bool, typer.Option("--offline", help="Never download (also HF_HUB_OFFLINE=1).")]
 Token = Annotated[str | None, typer.Option(help="Hugging Face token for gated models [default: $HF_TOKEN].")]
-Init = Annotated[Path, typer.Option("--init", "-i", help="The image to start from (any format Pillow reads).")]
+Init = Annotated[Path | None, typer.Option("--init", "-i", help="The image to start from (any format Pillow reads).")]
+PromptFile = Annotated[
+    str | None,
+    typer.Option(help="Prompts, one per line, or JSON Lines with per-job settings; '-' reads stdin."),
+]
+FromPng = Annotated[
+    Path | None, typer.Option(help="Make the image a PNG's parameters describe again; options given override them.")
+]
+Name = Annotated[
+    str | None,
+    typer.Option(
+        help="File name template in --outdir, e.g. '{index:04d}-{seed}-{prompt:.40}'; fields: index, seed, prompt, "
+        "sampler, steps, cfg, width, height, model, date, time. [default: {index:05d}-{seed}]"
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object per written image on stdout.")]
+FailFast = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first bad prompt-file line or failed job.")]
 Resize = Annotated[
     Literal["crop", "fit", "stretch"],
     typer.Option(help="Fitting the init image to the size: crop (cover, centre-crop), fit (pad), stretch."),
@@ -112,7 +126,9 @@ Resize = Annotated[
 @app.command(epilog=EXAMPLES)
 @reports_errors
 def txt2img(
-    prompt: Prompt,
+    ctx: typer.Context,
+    prompt: Prompt = None,
+    from_png: FromPng = None,
     negative: Negative = "",
     model: Model = None,
     width: Width = None,
@@ -123,8 +139,10 @@ def txt2img(
     seed: Seed = None,
     n: Count = 1,
     batch_size: BatchSize = 1,
+    prompt_file: PromptFile = None,
     output: Output = None,
     outdir: Outdir = None,
+    name: Name = None,
     overwrite: Overwrite = False,
     clip_skip: ClipSkip = 1,
     device: Device = "auto",
@@ -132,17 +150,20 @@ def txt2img(
     weights_dir: WeightsDir = None,
     offline: Offline = False,
     token: Token = None,
+    as_json: Json = False,
+    fail_fast: FailFast = False,
     quiet: Quiet = False,
 ) -> None:
-    """Generate images from a text prompt."""
-    _generate(locals(), init=None)
+    """Generate images from a text prompt (or from each line of a prompt file)."""
+    _generate("txt2img", locals())
 
 
 @app.command(epilog=EXAMPLES)
 @reports_errors
 def img2img(
-    prompt: Prompt,
-    init: Init,
+    ctx: typer.Context,
+    prompt: Prompt = None,
+    init: Init = None,
     strength: Annotated[float, typer.Option(help="How much to change: 0 keeps the image, 1 ignores it.")] = 0.75,
     resize: Resize = "crop",
     negative: Negative = "",
@@ -155,8 +176,10 @@ def img2img(
     seed: Seed = None,
     n: Count = 1,
     batch_size: BatchSize = 1,
+    prompt_file: PromptFile = None,
     output: Output = None,
     outdir: Outdir = None,
+    name: Name = None,
     overwrite: Overwrite = False,
     clip_skip: ClipSkip = 1,
     device: Device = "auto",
@@ -164,18 +187,21 @@ def img2img(
     weights_dir: WeightsDir = None,
     offline: Offline = False,
     token: Token = None,
+    as_json: Json = False,
+    fail_fast: FailFast = False,
     quiet: Quiet = False,
 ) -> None:
     """Redraw an image guided by a prompt. Without --width/--height the size is the image's (rounded to 8)."""
-    _generate(locals(), init=init, strength=strength, resize=resize)
+    _generate("img2img", locals())
 
 
 @app.command(epilog=EXAMPLES)
 @reports_errors
 def inpaint(
-    prompt: Prompt,
-    init: Init,
-    mask: Annotated[Path, typer.Option("--mask", help="White (or opaque) = repaint, black = keep.")],
+    ctx: typer.Context,
+    prompt: Prompt = None,
+    init: Init = None,
+    mask: Annotated[Path | None, typer.Option("--mask", help="White (or opaque) = repaint, black = keep.")] = None,
     strength: Annotated[float, typer.Option(help="How much to change inside the mask.")] = 1.0,
     mask_blur: Annotated[int, typer.Option(min=0, help="Feather the mask edge by this many pixels.")] = 4,
     invert_mask: Annotated[bool, typer.Option("--invert-mask", help="Repaint the black area instead.")] = False,
@@ -190,8 +216,10 @@ def inpaint(
     seed: Seed = None,
     n: Count = 1,
     batch_size: BatchSize = 1,
+    prompt_file: PromptFile = None,
     output: Output = None,
     outdir: Outdir = None,
+    name: Name = None,
     overwrite: Overwrite = False,
     clip_skip: ClipSkip = 1,
     device: Device = "auto",
@@ -199,104 +227,24 @@ def inpaint(
     weights_dir: WeightsDir = None,
     offline: Offline = False,
     token: Token = None,
+    as_json: Json = False,
+    fail_fast: FailFast = False,
     quiet: Quiet = False,
 ) -> None:
     """Repaint the masked part of an image. Inpainting checkpoints (9-channel UNet) are used as such."""
-    _generate(
-        locals(), init=init, mask=mask, strength=strength, mask_blur=mask_blur, invert_mask=invert_mask, resize=resize
-    )
+    _generate("inpaint", locals())
 
 
-def _generate(
-    opts: dict,
-    init: Path | None,
-    mask: Path | None = None,
-    strength: float = 1.0,
-    mask_blur: int = 0,
-    invert_mask: bool = False,
-    resize: str = "crop",
-) -> None:
-    """Shared body of txt2img, img2img and inpaint: build requests, load the model, write images."""
-    from sdcli.batch import generate_to_files, load_inputs, output_paths
-    from sdcli.pipeline import GenerationRequest
+def _generate(command: str, opts: dict) -> None:
+    from sdcli.cli_generate import generate_command
 
-    n, quiet = opts["n"], opts["quiet"]
-    init_image = mask_image = None
-    size = (opts["width"], opts["height"])
-    if init is not None:
-        init_image, mask_image = load_inputs(init, mask, size, resize, mask_blur, invert_mask, warn=_warner(quiet))
-        size = init_image.size
-    width, height = size[0] or 512, size[1] or 512
-    first_seed = secrets.randbelow(2**32 - n) if opts["seed"] is None else opts["seed"]
-    requests = [
-        GenerationRequest(
-            opts["prompt"],
-            opts["negative"],
-            width,
-            height,
-            opts["steps"],
-            opts["cfg"],
-            opts["sampler"],
-            first_seed + i,
-            opts["clip_skip"],
-            init_image,
-            mask_image,
-            strength,
-            mask_blur,
-        )  # fmt: skip
-        for i in range(n)
-    ]
-    requests[-1].validate()  # bad numbers fail before a model is loaded
-    targets = output_paths(opts["output"], opts["outdir"], [r.seed for r in requests])
-    model = _load(opts)
-    if opts["seed"] is None and not quiet:
-        _stderr(f"seed: {first_seed}")
-    batch_size = opts["batch_size"]
-    with _progress(-(-n // batch_size) * opts["steps"], quiet) as on_step:
-        for path in generate_to_files(
-            model, requests, targets, batch_size=batch_size, overwrite=opts["overwrite"], on_step=on_step
-        ):
-            typer.echo(str(path))
-
-
-def _warner(quiet: bool):
-    return (lambda message: None) if quiet else (lambda message: _stderr(f"warning: {message}"))
-
-
-def _load(opts: dict):
-    from sdcli.checkpoint import load_model
-    from sdcli.devices import resolve_device, resolve_dtype
-    from sdcli.download import resolve_model
-    from sdcli.weights import weights_dir
-
-    device = resolve_device(opts["device"])
-    dtype = resolve_dtype(opts["dtype"], device)
-    path = resolve_model(opts["model"], weights_dir(opts["weights_dir"]), offline=opts["offline"], token=opts["token"])
-    return load_model(path, device=device, dtype=dtype)
-
-
-@contextlib.contextmanager
-def _progress(total_steps: int, quiet: bool):
-    """A rich progress bar on stderr when it is a terminal; otherwise no progress output at all."""
-    if quiet or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (
-        TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-    )  # fmt: skip
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("sampling", total=total_steps, rate="")
-
-        def on_step(_info: dict) -> None:
-            progress.advance(task)
-            speed = progress.tasks[task].speed
-            progress.update(task, rate=f"{speed:.2f} it/s" if speed else "")
-
-        yield on_step
+    opts["json"] = opts.pop("as_json")
+    ctx = opts.pop("ctx")
+    # Which options were typed: with --from-png those override the PNG's values, the rest do not.
+    opts["given"] = {name for name in opts if name in ctx.params and ctx.get_parameter_source(name).name != "DEFAULT"}
+    code = generate_command(command, opts)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -136,7 +136,7 @@ def test_mask_with_alpha_uses_its_opacity(tiny_checkpoint, images, tmp_path):
     assert np.array_equal(generated[:, 32:], original[:, 32:])
 
 
-def test_strength_is_recorded_and_inpainting_model_refuses_txt2img(tiny_inpaint_checkpoint, tmp_path):
+def test_inpainting_model_refuses_txt2img(tiny_inpaint_checkpoint, tmp_path):
     result = run_cli("txt2img", PROMPT, "-m", tiny_inpaint_checkpoint, "--steps", 2, "-o", tmp_path / "x.png")
     assert result.exit_code == 2
     assert "inpainting model" in result.stderr and not (tmp_path / "x.png").exists()

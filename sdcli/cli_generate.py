@@ -1,0 +1,254 @@
+"""The body shared by txt2img, img2img and inpaint: options -> jobs -> images written, and the report.
+
+Results go to stdout (one path, or one JSON object, per image); seeds, warnings, progress and errors to
+stderr. A job that fails is reported with its prompt-file line and the others still run; the exit code
+says what happened: 0 all written, 1 something failed, 128 + signal number when stopped by a signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from sdcli.errors import SdcliError, UsageError
+
+# Options that are per-job settings: a prompt-file line or a PNG's parameters can set them too.
+SETTINGS = (
+    "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "n", "clip_skip",
+    "init", "mask", "strength", "mask_blur", "invert_mask", "resize",
+)  # fmt: skip
+
+
+def stderr(message: str) -> None:
+    sys.stderr.write(message + "\n")
+
+
+def generate_command(command: str, opts: dict) -> int:
+    """Run one generating command with its parsed options; returns the exit code."""
+    from sdcli.batch import Interrupted, Namer, Planned, Written, job_requests, run
+    from sdcli.weights import short_hash
+
+    quiet = opts["quiet"]
+    warn = (lambda message: None) if quiet else (lambda message: stderr(f"warning: {message}"))
+    jobs, source, png = _jobs(command, opts)
+    failures = 0
+
+    def fail(where: str, message: str) -> None:
+        nonlocal failures
+        failures += 1
+        stderr(f"error: {where}: {message}")
+
+    for line_error in source.errors:
+        fail(f"{source.name} line {line_error.line}", line_error.message)
+        if opts["fail_fast"]:
+            return 1
+    defaults = {k: opts[k] for k in SETTINGS if opts.get(k) is not None}
+    run_seed = opts["seed"] if opts["seed"] is not None else secrets.randbelow(2**31)
+    accepted = []
+    offset = 0
+    for job in jobs:
+        values = {**defaults, **job.values}
+        try:
+            if command != "txt2img" and values.get("init") is None:
+                raise UsageError(f'{command} needs an init image: --init IMAGE (or "init" in the prompt file)')
+            if command == "inpaint" and values.get("mask") is None:
+                raise UsageError('inpaint needs a mask: --mask MASK (or "mask" in the prompt file)')
+            requests = job_requests(values, job.values.get("seed", run_seed + offset), warn)
+        except SdcliError as e:
+            if len(jobs) == 1 and job.line is None:
+                raise  # a single command-line job: its error is the command's
+            fail(job.where(source.name), str(e))
+            if opts["fail_fast"]:
+                return 1
+            continue
+        offset += len(requests)
+        accepted.append((job, requests))
+    if not accepted:
+        return 1
+
+    model_path = _model_path(opts, png, warn)
+    namer = Namer(opts["output"], opts["outdir"], opts["name"], model_path.stem)
+    total = sum(len(requests) for _, requests in accepted)
+    planned: list[Planned] = []
+    for job, requests in accepted:
+        targets = namer.paths(requests, job.values.get("output"), total, len(planned))
+        planned += [Planned(job, r, t) for r, t in zip(requests, targets, strict=True)]
+    model = _load(model_path, opts)
+    if model.family.is_inpainting and command != "inpaint":
+        raise UsageError(f"{model_path.name} is an inpainting model: use `sdcli inpaint` with --init and --mask")
+    model_hash = short_hash(model_path)
+    if opts["seed"] is None and not quiet and not png:
+        stderr(f"seed: {run_seed}")
+
+    with _stop_on_signals() as stopped, _progress(sum(p.request.steps for p in planned), quiet) as advance:
+
+        def on_step(info: dict) -> None:
+            if stopped():
+                raise Interrupted
+            if advance is not None:
+                advance(info)
+
+        try:
+            for result in run(model, planned, batch_size=opts["batch_size"], overwrite=opts["overwrite"],
+                              on_step=on_step, should_stop=stopped):  # fmt: skip
+                if isinstance(result, Written):
+                    record = _record(result, model_path.stem, model_hash)
+                    sys.stdout.write((json.dumps(record) if opts["json"] else str(result.path)) + "\n")
+                    sys.stdout.flush()
+                else:
+                    fail(result.job.where(source.name), result.message)
+        except Interrupted:
+            pass
+        if stopped():
+            stderr("stopped: images finished before the signal were written; the rest were not started")
+            return 128 + stopped()
+    return 1 if failures else 0
+
+
+class _Source:
+    """Where the jobs came from, for messages, and the prompt-file lines that could not be read."""
+
+    def __init__(self, name: str, errors: list | None = None) -> None:
+        self.name, self.errors = name, errors or []
+
+
+def _jobs(command: str, opts: dict):
+    """The run's jobs: the PROMPT argument, every line of --prompt-file, or the job a --from-png recorded."""
+    from sdcli.jobs import Job, job_from_png, parse_prompt_file
+
+    prompt, prompt_file, from_png = opts["prompt"], opts["prompt_file"], opts.get("from_png")
+    if prompt_file is not None:
+        if prompt is not None or from_png is not None:
+            raise UsageError("give either a PROMPT, --prompt-file or --from-png")
+        name = "stdin" if prompt_file == "-" else prompt_file
+        text = sys.stdin.read() if prompt_file == "-" else _read_text(Path(prompt_file))
+        jobs, errors = parse_prompt_file(
+            text, jsonl=True if name.endswith(".jsonl") else None, image_fields=command != "txt2img"
+        )
+        if not jobs and not errors:
+            raise UsageError(f"{name} holds no prompts (blank lines and # comments are skipped)")
+        return jobs, _Source(name, errors), None
+    if from_png is not None:
+        png = job_from_png(from_png)
+        # The PNG's settings replace the options' defaults; options given on the command line replace both.
+        given = {k: opts[k] for k in SETTINGS if k in opts["given"]}
+        values = {**png.job.values, **given}
+        if opts["seed"] is not None:
+            values["seed"] = opts["seed"]
+        return [Job(values)], _Source(str(from_png)), png
+    if prompt is None:
+        raise UsageError("give a PROMPT (or --prompt-file FILE)")
+    return [Job({})], _Source("command line"), None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"prompt file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read prompt file {path}: {e}") from None
+
+
+def _model_path(opts: dict, png, warn: Callable[[str], None]) -> Path:
+    """The model file: --model, else the model a --from-png image names, else the default."""
+    from sdcli.download import resolve_model
+    from sdcli.weights import find_local_model, short_hash, weights_dir
+
+    directory = weights_dir(opts["weights_dir"])
+    name = opts["model"]
+    if name is None and png is not None and png.model_name:
+        found = find_local_model(png.model_name, directory)
+        if found is None:
+            raise SdcliError(
+                f"{opts['from_png']} was made with the model '{png.model_name}', which is not in {directory}: "
+                "pass --model (a path or a downloaded model's name)"
+            )
+        if png.model_hash and short_hash(found) != png.model_hash:
+            warn(f"{found.name} is not the file the image was made with (hash {png.model_hash}): results will differ")
+        return found
+    return resolve_model(name, directory, offline=opts["offline"], token=opts["token"])
+
+
+def _load(path: Path, opts: dict):
+    from sdcli.checkpoint import load_model
+    from sdcli.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(opts["device"])
+    return load_model(path, device=device, dtype=resolve_dtype(opts["dtype"], device))
+
+
+def _record(result, model_name: str, model_hash: str) -> dict:
+    """The JSON object --json prints for one written image."""
+    from sdcli.sampler_names import resolve_sampler
+
+    r = result.planned.request
+    record = {
+        "path": str(result.path), "prompt": r.prompt, "negative": r.negative, "seed": r.seed, "steps": r.steps,
+        "sampler": resolve_sampler(r.sampler).display_name, "cfg": r.cfg, "size": f"{r.width}x{r.height}",
+        "width": r.width, "height": r.height, "model": model_name, "model_hash": model_hash,
+        "seconds": round(result.seconds, 3),
+    }  # fmt: skip
+    if r.init is not None:
+        record["strength"] = r.strength
+    if result.planned.job.line is not None:
+        record["line"] = result.planned.job.line
+    return record
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """The first SIGINT or SIGTERM asks the run to stop after the image in hand; a second one stops at once.
+
+    Yields a function returning the signal number received, or 0.
+    """
+    received = 0
+
+    def handler(signum, _frame) -> None:
+        nonlocal received
+        if received:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        received = signum
+        stderr("stopping after the current image (send the signal again to stop at once)")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: received
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _progress(total_steps: int, quiet: bool):
+    """A rich progress bar on stderr when it is a terminal; otherwise no progress output at all."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+    )  # fmt: skip
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("sampling", total=total_steps, rate="")
+
+        def advance(_info: dict) -> None:
+            progress.advance(task)
+            speed = progress.tasks[task].speed
+            progress.update(task, rate=f"{speed:.2f} it/s" if speed else "")
+
+        yield advance
