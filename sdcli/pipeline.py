@@ -147,39 +147,44 @@ def sample(
     keep = c.keep_mask
 
     def kept(x: torch.Tensor, noised_init: torch.Tensor) -> torch.Tensor:
-        return x if keep is None else keep * noised_init + (1 - keep) * x
+        return keep * noised_init + (1 - keep) * x
 
     # One generator per image: its ancestral/SDE noise continues after its initial noise.
     if spec.kind == "timestep":
         timesteps = ddim_timesteps(steps)[start:]
         if len(timesteps) == 0:
             return init
-
-        def noised(t: torch.Tensor | int) -> torch.Tensor:
-            a = alphas_cumprod[t].view(-1, 1, 1, 1) if torch.is_tensor(t) else alphas_cumprod[t]
-            return a**0.5 * init + (1 - a) ** 0.5 * noise
-
         first = int(timesteps[0])
-        x = noised(first) if from_image else noise
+        a0 = alphas_cumprod[first]
+        x = a0**0.5 * init + (1 - a0) ** 0.5 * noise if from_image else noise
+        eps_model = predict
+        if keep is not None:
 
-        def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return predict(x if int(t[0]) == first else kept(x, noised(t)), t)
+            def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                if int(t[0]) == first:  # the start is left as it is (pure noise at strength 1, as diffusers)
+                    return predict(x, t)
+                a = alphas_cumprod[t].view(-1, 1, 1, 1)
+                return predict(kept(x, a**0.5 * init + (1 - a) ** 0.5 * noise), t)
 
         x = spec.fn(eps_model, x, timesteps, alphas_cumprod, generator=generators, callback=callback)
-        return kept(x, init)
+        return x if keep is None else kept(x, init)
 
     denoiser = DiscreteDenoiser(predict, alphas_cumprod, model.family.prediction)
     sigmas = make_sigmas(spec.schedule, steps, denoiser.sigmas)[start:]
     if len(sigmas) < 2:
         return init
     x = init + noise * sigmas[0] if from_image else noise * sigmas[0]
+    sigma_start = sigmas[0].item()
+    denoise = denoiser
+    if keep is not None:
 
-    def blended(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        s = sigma.view(-1, 1, 1, 1)
-        return denoiser(x if sigma[0] >= sigmas[0] else kept(x, init + noise * s), sigma)
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            if sigma[0].item() >= sigma_start:  # the start is left as it is, as above
+                return denoiser(x, sigma)
+            return denoiser(kept(x, init + noise * sigma.view(-1, 1, 1, 1)), sigma)
 
-    x = spec.fn(blended, x, sigmas, generator=generators, callback=callback)
-    return kept(x, init)
+    x = spec.fn(denoise, x, sigmas, generator=generators, callback=callback)
+    return x if keep is None else kept(x, init)
 
 
 def prepare_conditioning(
