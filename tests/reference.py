@@ -140,3 +140,14 @@ def sd15_ddim_scheduler():
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         steps_offset=1, set_alpha_to_one=False, clip_sample=False,
     )  # fmt: skip
+
+
+def reference_pipeline(pipeline_class, checkpoint: str, family):
+    """A diffusers pipeline (txt2img, img2img or inpaint) on a checkpoint's weights, with SD 1.5's DDIM."""
+    unet, vae, clip = reference_models_from_file(checkpoint, family)
+    pipe = pipeline_class(
+        vae=vae, text_encoder=clip, tokenizer=reference_tokenizer(), unet=unet, scheduler=sd15_ddim_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import TINY_SD1
 from PIL import Image
-from reference import reference_models_from_file, reference_tokenizer, sd15_ddim_scheduler
+from reference import reference_models_from_file, reference_pipeline
 from typer.testing import CliRunner
 
 from sdcli.cli import app
@@ -70,12 +70,7 @@ def test_img2img_ddim_equals_diffusers_img2img_pipeline(tiny_checkpoint, init_pn
 
     _, vae_noise = sdcli_latent_noises(SEED, 2)
     patch_vae_sampling(monkeypatch, module, [vae_noise])
-    unet, vae, clip = reference_models_from_file(tiny_checkpoint, TINY_SD1)
-    pipe = StableDiffusionImg2ImgPipeline(
-        vae=vae, text_encoder=clip, tokenizer=reference_tokenizer(), unet=unet, scheduler=sd15_ddim_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline(StableDiffusionImg2ImgPipeline, tiny_checkpoint, TINY_SD1)
     expected = pipe(
         PROMPT, image=Image.open(init_png), strength=strength, num_inference_steps=STEPS, guidance_scale=CFG,
         generator=torch.Generator("cpu").manual_seed(SEED), output_type="np",

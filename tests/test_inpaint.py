@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import TINY_SD1, TINY_SD1_INPAINT
 from PIL import Image
-from reference import reference_models_from_file, reference_tokenizer, sd15_ddim_scheduler
+from reference import reference_pipeline
 from test_img2img import patch_vae_sampling, sdcli_latent_noises
 from typer.testing import CliRunner
 
@@ -65,12 +65,7 @@ def test_inpaint_ddim_equals_diffusers_inpaint_pipeline(
 
     _, image_noise, masked_noise = sdcli_latent_noises(SEED, 3)
     patch_vae_sampling(monkeypatch, module, [image_noise, masked_noise])
-    unet, vae, clip = reference_models_from_file(checkpoint, family)
-    pipe = StableDiffusionInpaintPipeline(
-        vae=vae, text_encoder=clip, tokenizer=reference_tokenizer(), unet=unet, scheduler=sd15_ddim_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline(StableDiffusionInpaintPipeline, checkpoint, family)
     expected = pipe(
         PROMPT, negative_prompt=NEGATIVE, image=Image.open(init), mask_image=Image.open(mask), height=SIZE,
         width=SIZE, strength=strength, num_inference_steps=STEPS, guidance_scale=CFG,

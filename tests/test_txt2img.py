@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_SD1
 from kdiffusion_ref import load as load_kdiffusion
 from PIL import Image
-from reference import reference_models_from_file, reference_tokenizer, sd15_ddim_scheduler
+from reference import reference_models_from_file, reference_pipeline, reference_tokenizer
 from typer.testing import CliRunner
 
 from sdcli.cli import app
@@ -49,13 +49,7 @@ def to_unit_range(images: torch.Tensor) -> np.ndarray:
 def test_ddim_equals_diffusers_stable_diffusion_pipeline(tiny_checkpoint, reference_models, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    unet, vae, clip = reference_models
-    scheduler = sd15_ddim_scheduler()
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=clip, tokenizer=reference_tokenizer(), unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline(StableDiffusionPipeline, tiny_checkpoint, TINY_SD1)
     expected = pipe(
         PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=CFG,
         generator=torch.Generator("cpu").manual_seed(SEED), output_type="np",
