@@ -46,7 +46,7 @@ def to_unit_range(images: torch.Tensor) -> np.ndarray:
     return (images / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).double().numpy()
 
 
-def test_ddim_equals_diffusers_stable_diffusion_pipeline(tiny_checkpoint, reference_models, tmp_path):
+def test_ddim_equals_diffusers_stable_diffusion_pipeline(tiny_checkpoint, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     pipe = reference_pipeline(StableDiffusionPipeline, tiny_checkpoint, TINY_SD1)
