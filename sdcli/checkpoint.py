@@ -8,9 +8,12 @@ copy of the weights is ever held.
 
 from __future__ import annotations
 
+import mmap
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -28,6 +31,51 @@ from sdcli.models.vae import AutoencoderKL
 IGNORED_SUFFIXES = ("position_ids",)
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+class TensorReader:
+    """Tensors out of a memory-mapped .safetensors file, each copied straight into its target dtype and device.
+
+    After each copy the file's pages are handed back to the OS (madvise DONTNEED), so at any moment memory
+    holds the weights loaded so far plus one tensor of the file, never the file and the model side by side.
+    No tensor keeps a reference into the mapping, so the file can change or vanish after loading.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> TensorReader:
+        with self.path.open("rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.map.close()
+
+    def read(self, info: TensorInfo, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        file_dtype = SAFETENSORS_DTYPES.get(info.dtype)
+        if file_dtype is None:
+            raise CheckpointError(f"{self.path}: tensor dtype {info.dtype} is not supported")
+        count = info.end - info.start
+        with warnings.catch_warnings():  # the mapping is read-only, and we only ever copy out of it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(self.map, dtype=torch.uint8, count=count, offset=info.start)
+        view = raw.view(file_dtype).view(info.shape) if count else torch.empty(info.shape, dtype=file_dtype)
+        target = dtype if file_dtype.is_floating_point else file_dtype
+        tensor = view.to(device=device, dtype=target, copy=True)
+        del raw, view
+        if hasattr(self.map, "madvise") and count:
+            page = mmap.PAGESIZE
+            first = info.start // page * page
+            self.map.madvise(mmap.MADV_DONTNEED, first, info.end - first)
+        return tensor
+
+
 def _mismatch_error(path: Path, component: str, kind: str, keys: list[str]) -> CheckpointError:
     shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
     return CheckpointError(f"{path}: {component}: {kind} {shown}; the file is damaged or not an SD 1.x checkpoint")
@@ -35,7 +83,7 @@ def _mismatch_error(path: Path, component: str, kind: str, keys: list[str]) -> C
 
 def load_component(
     path: Path,
-    handle,
+    reader: TensorReader,
     infos: dict[str, TensorInfo],
     prefix: str,
     build: Callable[[], nn.Module],
@@ -58,20 +106,28 @@ def load_component(
         raise _mismatch_error(path, component, "unexpected", [prefix + k for k in unexpected])
     if wrong := [f"{prefix}{k} {found[k]} (expected {v})" for k, v in expected.items() if found[k] != v]:
         raise _mismatch_error(path, component, "wrong shape for", wrong)
-    state = {k: handle.get_tensor(prefix + k).to(device=device, dtype=dtype) for k in expected}
+    state = {k: reader.read(infos[prefix + k], dtype, device) for k in expected}
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
 
 @dataclass
 class StableDiffusion:
-    """A loaded checkpoint: its family, the three networks and the tokenizer that feeds them."""
+    """A loaded checkpoint: its family, the three networks and the tokenizer that feeds them.
+
+    Computation runs on `device` in `dtype`. With `offload`, the networks wait on the CPU and each visits
+    `device` only while it works (`use`), so a small GPU holds one network at a time.
+    """
 
     family: Family
     text_encoder: ClipTextModel
     unet: UNetModel
     vae: AutoencoderKL
     path: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    offload: bool = False
+    compiled_unet: Callable | None = None  # set by `compile_unet`; the UNet's forward otherwise
 
     @cached_property
     def tokenizer(self):
@@ -79,34 +135,42 @@ class StableDiffusion:
 
         return ClipTokenizer(max_length=self.family.clip.max_position_embeddings)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+    @contextmanager
+    def use(self, module: nn.Module) -> Iterator[nn.Module]:
+        """`module` on the compute device for the duration (moved there and back when offloading)."""
+        if not self.offload:
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def load_model(
-    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    offload: bool = False,
 ) -> StableDiffusion:
-    """Load a single-file SD checkpoint (.safetensors, original layout) onto `device` in `dtype`."""
-    from safetensors import SafetensorError, safe_open
+    """Load a single-file SD checkpoint (.safetensors, original layout) for `device` in `dtype`.
 
+    Weights are cast once, straight from the memory-mapped file. With `offload` they stay on the CPU until
+    a network is used (see StableDiffusion.use).
+    """
+    device = torch.device(device)
     path = Path(path)
     infos = read_header(path)
     family = detect({k: v.shape for k, v in infos.items()})
-    try:
-        handle_cm = safe_open(str(path), framework="pt", device="cpu")
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: cannot open as safetensors ({e}); re-download the file") from None
-    with handle_cm as handle:
+    with TensorReader(path) as reader:
 
         def load(prefix: str, build: Callable[[], nn.Module]) -> nn.Module:
-            return load_component(path, handle, infos, prefix, build, dtype, device)
+            return load_component(path, reader, infos, prefix, build, dtype, "cpu" if offload else device)
 
         text_encoder = load(CLIP_PREFIX, lambda: ClipTextModel(family.clip))
         unet = load(UNET_PREFIX, lambda: UNetModel(family.unet))
         vae = load(VAE_PREFIX, lambda: AutoencoderKL(family.vae))
-    return StableDiffusion(family, text_encoder, unet, vae, path)
+    return StableDiffusion(family, text_encoder, unet, vae, path, device, dtype, offload)

@@ -94,6 +94,12 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing f
 ClipSkip = Annotated[int, typer.Option(min=1, help="1 = last CLIP layer, 2 = the one before it (A1111).")]
 Device = Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")]
 Dtype = Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on CPUs), fp16, bf16 or fp32.")]
+LowMemory = Annotated[
+    bool, typer.Option("--low-memory", help="Keep networks on the CPU; each visits the GPU only while it works.")
+]
+Compile = Annotated[
+    bool, typer.Option("--compile", help="torch.compile the UNet (slow first image; worth it for long batches).")
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors on stderr.")]
 WeightsDir = Annotated[
     Path | None, typer.Option(help="Where models live [default: $SDCLI_WEIGHTS_DIR, else see `sdcli models`].")
@@ -147,6 +153,8 @@ def txt2img(
     clip_skip: ClipSkip = 1,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    low_memory: LowMemory = False,
+    compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
     offline: Offline = False,
     token: Token = None,
@@ -184,6 +192,8 @@ def img2img(
     clip_skip: ClipSkip = 1,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    low_memory: LowMemory = False,
+    compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
     offline: Offline = False,
     token: Token = None,
@@ -224,6 +234,8 @@ def inpaint(
     clip_skip: ClipSkip = 1,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    low_memory: LowMemory = False,
+    compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
     offline: Offline = False,
     token: Token = None,

@@ -79,7 +79,7 @@ def generate_command(command: str, opts: dict) -> int:
     for job, requests in accepted:
         targets = namer.paths(requests, job.values.get("output"), total, len(planned))
         planned += [Planned(job, r, t) for r, t in zip(requests, targets, strict=True)]
-    model = _load(model_path, opts)
+    model = _load(model_path, opts, warn)
     if model.family.is_inpainting and command != "inpaint":
         raise UsageError(f"{model_path.name} is an inpainting model: use `sdcli inpaint` with --init and --mask")
     model_hash = short_hash(model_path)
@@ -176,12 +176,16 @@ def _model_path(opts: dict, png, warn: Callable[[str], None]) -> Path:
     return resolve_model(name, directory, offline=opts["offline"], token=opts["token"])
 
 
-def _load(path: Path, opts: dict):
+def _load(path: Path, opts: dict, warn: Callable[[str], None]):
     from sdcli.checkpoint import load_model
     from sdcli.devices import resolve_device, resolve_dtype
+    from sdcli.pipeline import compile_unet
 
     device = resolve_device(opts["device"])
-    return load_model(path, device=device, dtype=resolve_dtype(opts["dtype"], device))
+    model = load_model(path, device=device, dtype=resolve_dtype(opts["dtype"], device), offload=opts["low_memory"])
+    if opts["compile_unet"]:
+        compile_unet(model, warn)
+    return model
 
 
 def _record(result, model_name: str, model_hash: str) -> dict:

@@ -57,7 +57,9 @@ class DiscreteDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma.to(torch.float32)
-        t = sigma_to_t(sigma, self.sigmas.to(sigma.device))
+        if self.sigmas.device != sigma.device:
+            self.sigmas = self.sigmas.to(sigma.device)
+        t = sigma_to_t(sigma, self.sigmas)
         s = sigma.view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
         c_in = (s**2 + 1) ** -0.5
         out = self.model(x * c_in, t)

@@ -20,8 +20,10 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 @dataclass(frozen=True)
 class TensorInfo:
-    dtype: str
+    dtype: str  # safetensors' name: F32, F16, BF16, I64, ...
     shape: tuple[int, ...]
+    start: int = 0  # byte offsets of the data in the file
+    end: int = 0
 
 
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
@@ -64,7 +66,8 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
             continue
         try:
             begin, end = entry["data_offsets"]
-            infos[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]))
+            start = 8 + header_len
+            infos[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]), start + begin, start + end)
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"{path}: not a safetensors file (bad header entry for '{name}')") from None
         if end > data_size:

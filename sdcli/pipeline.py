@@ -73,7 +73,8 @@ class GenerationRequest:
 def encode_prompts(model: StableDiffusion, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
     """Prompts -> text embeddings (B, 77, D) in float32 on the model's device."""
     ids = model.tokenizer(prompts).to(model.device)
-    return model.text_encoder(ids, clip_skip=clip_skip).float()
+    with model.use(model.text_encoder) as text_encoder:
+        return text_encoder(ids, clip_skip=clip_skip).float()
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -91,7 +92,8 @@ def encode_images(model: StableDiffusion, images: torch.Tensor, generators: list
     The sample's noise comes from each image's generator, after its initial noise, so img2img stays
     reproducible from the seed alone.
     """
-    mean, logvar = model.vae.encode(images.to(model.device, model.dtype))
+    with model.use(model.vae) as vae:
+        mean, logvar = vae.encode(images.to(model.device, model.dtype))
     eps = draw_noise(generators, tuple(mean.shape[1:]), model.device)
     return (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * model.family.scale_factor
 
@@ -99,7 +101,8 @@ def encode_images(model: StableDiffusion, images: torch.Tensor, generators: list
 def decode_latents(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, 4, h, w) -> images in [-1, 1] (B, 3, 8h, 8w), float32."""
     z = (latents / model.family.scale_factor).to(model.dtype)
-    return model.vae.decode(z).float().clamp(-1, 1)
+    with model.use(model.vae) as vae:
+        return vae.decode(z).float().clamp(-1, 1)
 
 
 @dataclass
@@ -133,14 +136,16 @@ def sample(
     """
     c = conditioning or Conditioning()
     dtype = model.dtype
+    forward = model.compiled_unet or model.unet
 
     def unet(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if c.extra_channels is not None:
             x = torch.cat([x, c.extra_channels.repeat(x.shape[0] // c.extra_channels.shape[0], 1, 1, 1)], dim=1)
-        return model.unet(x.to(dtype), t, context.to(dtype)).float()
+        return forward(x.to(dtype), t, context.to(dtype)).float()
 
     predict = guided_unet(unet, cond, uncond, cfg)
-    alphas_cumprod = alphas_cumprod_sd().to(noise.device)
+    # The schedule stays on the CPU: samplers compare sigmas in Python, which would otherwise wait for the GPU.
+    alphas_cumprod = alphas_cumprod_sd()
     from_image = c.init_latents is not None and c.strength < 1.0
     start = steps - min(int(steps * c.strength), steps) if from_image else 0
     init = c.init_latents if c.init_latents is not None else torch.zeros_like(noise)
@@ -163,7 +168,7 @@ def sample(
             def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 if int(t[0]) == first:  # the start is left as it is (pure noise at strength 1, as diffusers)
                     return predict(x, t)
-                a = alphas_cumprod[t].view(-1, 1, 1, 1)
+                a = alphas_cumprod[int(t[0])]
                 return predict(kept(x, a**0.5 * init + (1 - a) ** 0.5 * noise), t)
 
         x = spec.fn(eps_model, x, timesteps, alphas_cumprod, generator=generators, callback=callback)
@@ -232,7 +237,8 @@ def generate(
     generators = seeded_generators([r.seed for r in requests])
     noise = draw_noise(generators, (model.family.unet.out_channels, first.height // f, first.width // f), model.device)
     conditioning = prepare_conditioning(model, requests, generators)
-    latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, conditioning, callback)
+    with model.use(model.unet):
+        latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, conditioning, callback)
     return decode_latents(model, latents).cpu()
 
 
@@ -240,3 +246,23 @@ def mask_tensor(mask: Image.Image) -> torch.Tensor:
     """An "L" mask -> (1, 1, H, W) float in [0, 1], 1 = repaint."""
     pixels = torch.frombuffer(bytearray(mask.convert("L").tobytes()), dtype=torch.uint8)
     return pixels.float().view(1, 1, mask.height, mask.width) / 255
+
+
+def compile_unet(model: StableDiffusion, warn: Callable[[str], None]) -> None:
+    """Run the UNet through torch.compile from now on, falling back to eager mode where that fails.
+
+    Compilation happens at the first call (tens of seconds; worth it for long batches) and can fail in
+    ways that depend on the platform (no C++ compiler, an unsupported backend), hence the fallback.
+    """
+    compiled = torch.compile(model.unet)
+
+    def forward(*args: torch.Tensor) -> torch.Tensor:
+        if model.compiled_unet is forward:
+            try:
+                return compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compile failure means: run uncompiled
+                warn(f"--compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); running uncompiled")
+                model.compiled_unet = None
+        return model.unet(*args)
+
+    model.compiled_unet = forward
