@@ -223,3 +223,31 @@ def test_sigterm_mid_batch_stops_with_143_and_leaves_only_whole_images(tiny_chec
 def test_prompt_and_prompt_file_are_exclusive_and_one_is_needed(tiny_checkpoint, tmp_path, args):
     result = run_cli("txt2img", *args, "-m", tiny_checkpoint, "-o", tmp_path / "x.png")
     assert result.exit_code == 2 and "PROMPT" in result.stderr
+
+
+def test_img2img_and_inpaint_take_prompt_files_with_per_line_images(tiny_checkpoint, tmp_path):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(init)
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 255).save(mask)
+    lines = [
+        {"prompt": "a", "init": str(init), "strength": 0.5},
+        {"prompt": "b", "init": str(tmp_path / "missing.png")},
+        {"prompt": "c"},  # no init on the line and none on the command line
+    ]
+    prompts = tmp_path / "jobs.jsonl"
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = run_cli(
+        "img2img", "--prompt-file", prompts, "-m", tiny_checkpoint, "--steps", 2, "--outdir", tmp_path / "o", "--json"
+    )
+    assert result.exit_code == 1
+    assert "line 2: image not found" in result.stderr and "line 3: img2img needs an init image" in result.stderr
+    (record,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["prompt"] == "a" and record["strength"] == 0.5
+
+    inpaint = tmp_path / "inpaint.jsonl"
+    inpaint.write_text(json.dumps({"prompt": "d", "mask": str(mask)}) + "\n")
+    result = run_cli("inpaint", "--prompt-file", inpaint, "--init", init, "-m", tiny_checkpoint, "--steps", 2,
+                     "--outdir", tmp_path / "i")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(pngs(tmp_path / "i")) == 1
