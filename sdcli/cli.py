@@ -43,7 +43,7 @@ def _stderr(message: str) -> None:
 
 
 def reports_errors(command):
-    """Turn SdcliError into one line on stderr and its exit code (1, or 2 for bad usage)."""
+    """Turn SdcliError into one line on stderr and its exit code (1, or 2 for bad usage); Ctrl-C into 130."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -52,6 +52,9 @@ def reports_errors(command):
         except SdcliError as e:
             _stderr(f"error: {e}")
             raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:  # Ctrl-C outside sampling (loading, downloading): no traceback
+            _stderr("interrupted")
+            raise typer.Exit(130) from None
 
     return wrapper
 

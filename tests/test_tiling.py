@@ -66,9 +66,11 @@ def test_tile_starts_refuses_overlap_as_large_as_the_tile():
 
 
 @pytest.mark.parametrize(
-    "size, tile, overlap, scale", [(112, 64, 16, 8), (256, 64, 16, 1), (65, 64, 16, 8), (50, 20, 6, 3)]
+    "size, tile, overlap, scale", [(112, 64, 16, 8), (256, 64, 16, 1), (65, 64, 16, 8), (48, 20, 6, 3)]
 )
 def test_ramp_weights_sum_to_one_everywhere(size, tile, overlap, scale):
+    # Where three tiles overlap (a short last step, e.g. size 50, tile 20, overlap 6) the raw ramps do not
+    # sum to 1 and the blend divides by their total; the pixelwise test below covers that case.
     starts = tile_starts(size, tile, overlap)
     total = torch.zeros(size * scale)
     for start, w in zip(starts, ramp_weights(size, starts, tile, scale), strict=True):
@@ -88,10 +90,12 @@ def test_tiled_decode_and_encode_are_exact_for_a_pixelwise_vae():
 
 
 # Tiles cannot equal the whole decode: group norms and the middle block's attention see one tile only.
-# Measured on these random tiny VAEs (latents 48x40, tiles 32 with overlap 16, 4 tiles): mean relative
-# error about 0.05-0.09 for ours and 0.07-0.12 for diffusers' own tiled decode with the same tile and
-# overlap. The test asks for no worse than diffusers, and a bound with some margin over what we measured.
-MAX_TILED_ERROR = 0.12
+# Measured on these random tiny VAEs (latents 36x28, tiles of 24 overlapping by 12: 4 tiles; seeds 2-4),
+# mean relative error: decode 0.05-0.11 (diffusers' own tiled decode with the same tile and overlap:
+# 0.08-0.16), encoded mean 0.05-0.07 (diffusers 0.08-0.11), log-variance 0.04-0.07. The tests ask for no
+# worse than diffusers and a fixed bound with margin over what we measured.
+MAX_TILED_ERROR = 0.15
+LATENT_H, LATENT_W, TILE, OVERLAP = 36, 28, 24, 12
 
 
 @pytest.mark.parametrize("name", sorted(TINY_VAES))
@@ -99,16 +103,15 @@ def test_tiled_decode_is_close_to_whole_decode_and_no_worse_than_diffusers(name)
     cfg = TINY_VAES[name]
     vae = randomize_(AutoencoderKL(cfg), seed=2)
     f = vae.downscale
-    z = torch.randn(1, cfg.embed_dim, 48, 40, generator=torch.Generator().manual_seed(0))
-    tile, overlap = 32, 16
-    assert len(tile_starts(48, tile, overlap)) * len(tile_starts(40, tile, overlap)) == 4
+    z = torch.randn(1, cfg.embed_dim, LATENT_H, LATENT_W, generator=torch.Generator().manual_seed(0))
+    assert len(tile_starts(LATENT_H, TILE, OVERLAP)) * len(tile_starts(LATENT_W, TILE, OVERLAP)) == 4
     ref = reference_vae(vae.state_dict(), TINY_UNETS["a"], cfg)
-    set_diffusers_tiling(ref, tile, overlap, f)
+    set_diffusers_tiling(ref, TILE, OVERLAP, f)
     with torch.no_grad():
         whole = vae.decode(z)
         theirs = ref.decode(z).sample
-    ours = decode_tiled(vae, z, tile, overlap)
-    assert ours.shape == whole.shape == (1, 3, 48 * f, 40 * f)
+    ours = decode_tiled(vae, z, TILE, OVERLAP)
+    assert ours.shape == whole.shape == (1, 3, LATENT_H * f, LATENT_W * f)
     assert relative_error(ours, whole) <= min(MAX_TILED_ERROR, relative_error(theirs, whole))
 
 
@@ -117,13 +120,13 @@ def test_tiled_encode_is_close_to_whole_encode_and_no_worse_than_diffusers(name)
     cfg = TINY_VAES[name]
     vae = randomize_(AutoencoderKL(cfg), seed=2)
     f = vae.downscale
-    x = torch.rand(1, 3, 48 * f, 40 * f, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = torch.rand(1, 3, LATENT_H * f, LATENT_W * f, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ref = reference_vae(vae.state_dict(), TINY_UNETS["a"], cfg)
-    set_diffusers_tiling(ref, 32, 16, f)
+    set_diffusers_tiling(ref, TILE, OVERLAP, f)
     with torch.no_grad():
         mean, logvar = vae.encode(x)
         theirs = ref.encode(x).latent_dist
-    tiled_mean, tiled_logvar = encode_tiled(vae, x, 32 * f, 16 * f)
+    tiled_mean, tiled_logvar = encode_tiled(vae, x, TILE * f, OVERLAP * f)
     assert tiled_mean.shape == mean.shape
     assert relative_error(tiled_mean, mean) <= min(MAX_TILED_ERROR, relative_error(theirs.mean, mean))
     assert relative_error(tiled_logvar, logvar) <= MAX_TILED_ERROR
@@ -152,13 +155,13 @@ def overflow_below_fp32(module: nn.Module) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tiled", [False, True])
 def test_non_finite_half_precision_decode_is_redone_in_fp32(tiny_vae, dtype, tiled):
-    z = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(1, 4, 10, 8, generator=torch.Generator().manual_seed(1))  # small: half precision is slow on CPUs
     with torch.no_grad():
-        expected = decode_tiled(tiny_vae, z, 8, 4) if tiled else tiny_vae.decode(z)
+        expected = decode_tiled(tiny_vae, z, 6, 2) if tiled else tiny_vae.decode(z)
     half = tiny_vae.to(dtype)
     overflow_below_fp32(half.decoder)
     messages = []
-    image = decode(half, z, tiling=tiled, warn=messages.append, tile_latent=8, overlap_latent=4)
+    image = decode(half, z, tiling=tiled, warn=messages.append, tile_latent=6, overlap_latent=2)
     assert len(messages) == 1 and "non-finite" in messages[0] and "fp32" in messages[0]
     assert image.dtype == torch.float32 and torch.isfinite(image).all()
     torch.testing.assert_close(image, expected, rtol=0, atol=1e-2 * expected.abs().max().item())
@@ -169,12 +172,12 @@ def test_fp32_fallback_warns_through_warnings_by_default(tiny_vae):
     half = tiny_vae.to(torch.bfloat16)
     overflow_below_fp32(half.decoder)
     with pytest.warns(RuntimeWarning, match="decoding again in fp32"):
-        image = decode(half, torch.randn(1, 4, 8, 8), tiling=False)
+        image = decode(half, torch.randn(1, 4, 6, 6), tiling=False)
     assert torch.isfinite(image).all()
 
 
 def test_finite_decode_is_not_redone_and_does_not_warn(tiny_vae):
-    z = torch.randn(1, 4, 8, 8)
+    z = torch.randn(1, 4, 6, 6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         image = decode(tiny_vae.to(torch.bfloat16), z, tiling=False)
