@@ -245,6 +245,8 @@ def run(
     overwrite: bool = False,
     on_step: Callable[[dict], None] | None = None,
     should_stop: Callable[[], object] = lambda: False,
+    vae_tiling: bool | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Iterator[Written | Failed]:
     """Generate and write every planned image; yields each one written, or each job that failed.
 
@@ -258,7 +260,8 @@ def run(
             return
         started = time.monotonic()
         try:
-            images = to_pil(generate(model, [p.request for p in chunk], callback=on_step))
+            requests = [p.request for p in chunk]
+            images = to_pil(generate(model, requests, callback=on_step, vae_tiling=vae_tiling, warn=warn))
         except SdcliError as e:
             for job in dict.fromkeys(p.job for p in chunk):
                 yield Failed(job, str(e))

@@ -100,6 +100,14 @@ Dtype = Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on CPUs), fp1
 LowMemory = Annotated[
     bool, typer.Option("--low-memory", help="Keep networks on the CPU; each visits the GPU only while it works.")
 ]
+VaeTiling = Annotated[
+    bool | None,
+    typer.Option(
+        "--vae-tiling/--no-vae-tiling",
+        help="Encode and decode in tiles (less memory). Default: only above 768x768 or after running out of memory.",
+        show_default=False,
+    ),
+]
 Compile = Annotated[
     bool, typer.Option("--compile", help="torch.compile the UNet (slow first image; worth it for long batches).")
 ]
@@ -157,6 +165,7 @@ def txt2img(
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
+    vae_tiling: VaeTiling = None,
     compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
     offline: Offline = False,
@@ -196,6 +205,7 @@ def img2img(
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
+    vae_tiling: VaeTiling = None,
     compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
     offline: Offline = False,
@@ -238,6 +248,7 @@ def inpaint(
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
+    vae_tiling: VaeTiling = None,
     compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
     offline: Offline = False,

@@ -96,7 +96,8 @@ def generate_command(command: str, opts: dict) -> int:
 
         try:
             for result in run(model, planned, batch_size=opts["batch_size"], overwrite=opts["overwrite"],
-                              on_step=on_step, should_stop=stopped):  # fmt: skip
+                              on_step=on_step, should_stop=stopped, vae_tiling=opts["vae_tiling"],
+                              warn=warn):  # fmt: skip
                 if isinstance(result, Written):
                     record = _record(result, model_path.stem, model_hash)
                     sys.stdout.write((json.dumps(record) if opts["json"] else str(result.path)) + "\n")

@@ -19,6 +19,7 @@ from sdcli.errors import UsageError
 from sdcli.images import from_pil
 from sdcli.sampler_names import SamplerSpec, resolve_sampler
 from sdcli.schedules import alphas_cumprod_sd, ddim_timesteps, make_sigmas
+from sdcli.tiling import AUTO_TILE_LATENT_AREA, decode, encode_tiled
 
 MAX_SEED = 2**32 - 1
 
@@ -86,23 +87,36 @@ def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...], device
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
 
 
-def encode_images(model: StableDiffusion, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+def encode_images(
+    model: StableDiffusion, images: torch.Tensor, generators: list[torch.Generator], tiling: bool | None = None
+) -> torch.Tensor:
     """Images in [-1, 1] (B, 3, H, W) -> scaled latents: a sample of the VAE's latent distribution.
 
     The sample's noise comes from each image's generator, after its initial noise, so img2img stays
-    reproducible from the seed alone.
+    reproducible from the seed alone. Large images (or `tiling`) are encoded in blended tiles.
     """
+    images = images.to(model.device, model.dtype)
+    tiled = tiling if tiling is not None else images.shape[-2] * images.shape[-1] > AUTO_TILE_LATENT_AREA * 64
     with model.use(model.vae) as vae:
-        mean, logvar = vae.encode(images.to(model.device, model.dtype))
+        mean, logvar = encode_tiled(vae, images) if tiled else vae.encode(images)
     eps = draw_noise(generators, tuple(mean.shape[1:]), model.device)
     return (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * model.family.scale_factor
 
 
-def decode_latents(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (B, 4, h, w) -> images in [-1, 1] (B, 3, 8h, 8w), float32."""
+def decode_latents(
+    model: StableDiffusion,
+    latents: torch.Tensor,
+    tiling: bool | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> torch.Tensor:
+    """Scaled latents (B, 4, h, w) -> images in [-1, 1] (B, 3, 8h, 8w), float32.
+
+    Tiled when asked, for large images, or after running out of memory; a half-precision decode that
+    overflows is redone in fp32 (see sdcli.tiling.decode).
+    """
     z = (latents / model.family.scale_factor).to(model.dtype)
     with model.use(model.vae) as vae:
-        return vae.decode(z).float().clamp(-1, 1)
+        return decode(vae, z, tiling=tiling, warn=warn).clamp(-1, 1)
 
 
 @dataclass
@@ -193,14 +207,17 @@ def sample(
 
 
 def prepare_conditioning(
-    model: StableDiffusion, requests: list[GenerationRequest], generators: list[torch.Generator]
+    model: StableDiffusion,
+    requests: list[GenerationRequest],
+    generators: list[torch.Generator],
+    tiling: bool | None = None,
 ) -> Conditioning | None:
     """Encode the init images and masks of a batch into what `sample` needs."""
     first = requests[0]
     if first.init is None:
         return None
     images = torch.cat([from_pil(r.init) for r in requests])  # (B, 3, H, W) in [-1, 1]
-    c = Conditioning(init_latents=encode_images(model, images, generators), strength=first.strength)
+    c = Conditioning(init_latents=encode_images(model, images, generators, tiling), strength=first.strength)
     if first.mask is None:
         return c
     # The feathered mask, thresholded at half as diffusers does, then nearest-downsampled to latent size.
@@ -208,7 +225,7 @@ def prepare_conditioning(
     repaint = (masks >= 0.5).float()
     latent_repaint = F.interpolate(repaint, size=c.init_latents.shape[-2:]).to(model.device)
     if model.family.is_inpainting:
-        masked = encode_images(model, images * (1 - repaint), generators)  # the repainted area blanked
+        masked = encode_images(model, images * (1 - repaint), generators, tiling)  # the repainted area blanked
         c.extra_channels = torch.cat([latent_repaint, masked], dim=1)
     else:
         c.keep_mask = 1 - latent_repaint
@@ -217,11 +234,16 @@ def prepare_conditioning(
 
 @torch.inference_mode()
 def generate(
-    model: StableDiffusion, requests: list[GenerationRequest], callback: Callable[[dict], None] | None = None
+    model: StableDiffusion,
+    requests: list[GenerationRequest],
+    callback: Callable[[dict], None] | None = None,
+    vae_tiling: bool | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> torch.Tensor:
     """Generate one image per request, as one batch: txt2img, img2img (init) or inpaint (init and mask).
 
     Returns images in [-1, 1] (B, 3, H, W), float32, on the CPU, before any paste-back of kept pixels.
+    `vae_tiling`: True/False forces tiled VAE encode/decode on or off; None decides by size.
     """
     first = requests[0]
     spec = first.validate()
@@ -236,10 +258,10 @@ def generate(
     f = model.vae.downscale
     generators = seeded_generators([r.seed for r in requests])
     noise = draw_noise(generators, (model.family.unet.out_channels, first.height // f, first.width // f), model.device)
-    conditioning = prepare_conditioning(model, requests, generators)
+    conditioning = prepare_conditioning(model, requests, generators, vae_tiling)
     with model.use(model.unet):
         latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, conditioning, callback)
-    return decode_latents(model, latents).cpu()
+    return decode_latents(model, latents, vae_tiling, warn).cpu()
 
 
 def mask_tensor(mask: Image.Image) -> torch.Tensor:

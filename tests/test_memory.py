@@ -103,3 +103,16 @@ def test_loading_holds_no_second_copy_of_the_weights(tmp_path, file_dtype, model
     assert grown < 1.1 * m["weights"] + 100e6, (grown, m["weights"])
     print(f"loading grew peak RSS by {grown / 1e6:.0f} MB for {m['weights'] / 1e6:.0f} MB of weights")
 
+
+
+def test_vae_tiling_option_runs_through_encode_and_decode(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(init)
+    for flag in ("--vae-tiling", "--no-vae-tiling"):
+        out = tmp_path / f"{flag}.png"
+        result = run_cli("img2img", "x", "--init", init, "-m", tiny_checkpoint, *FAST, flag, "-o", out)
+        assert result.exit_code == 0, result.output
+    # One tile covers this small image, so tiled and untiled work are the same.
+    assert (tmp_path / "--vae-tiling.png").read_bytes() == (tmp_path / "--no-vae-tiling.png").read_bytes()
