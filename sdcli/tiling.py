@@ -13,6 +13,7 @@ see only their tile. The ramps hide the edges; the remaining difference is small
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -27,36 +28,39 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
 
 
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of `tile` units covering `size`, each overlapping the next by >= `overlap`.
+def tile_layout(size: int, tile: int, overlap: int) -> tuple[list[int], int]:
+    """Start offsets and the common length of tiles covering `size` units, overlapping by >= `overlap`.
 
-    The last tile is aligned to the end so that every tile has the full size (the decoder behaves best
-    on the size it was trained at); its overlap with the previous one may then be larger.
+    As few tiles of `tile` units as can cover the size (the work is their count times their area), spread
+    evenly so that every overlap is as wide as the count allows: a 1024-pixel SD side takes 3 tiles of 64
+    latents overlapping by 32, rather than overlaps of 16 and 48 with the last tile aligned to the end.
+    Shorter tiles would save work but cost fidelity: on the random full-size SD VAE, 3 tiles of 54
+    (1.6x the untiled work instead of 2.25x at 1024x1024) raised the mean error from 3.3% to 4.7%.
     """
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be at least 0 and less than the tile size, got {overlap} and {tile}")
     if size <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, size - tile, stride))
-    return [*starts, size - tile]
+        return [0], size
+    count = math.ceil((size - overlap) / (tile - overlap))
+    return [round(i * (size - tile) / (count - 1)) for i in range(count)], tile
 
 
-def ramp_weights(size: int, starts: Sequence[int], tile: int, scale: int) -> list[torch.Tensor]:
+def ramp_weights(starts: Sequence[int], length: int, scale: int) -> list[torch.Tensor]:
     """Per-tile 1-D blending weights in output units (`scale` output pixels per unit).
 
     A tile's weight rises linearly across the part it shares with the previous tile and falls across
-    the part it shares with the next one; at the image borders it stays 1. The ramps never reach 0, so
-    every output pixel has a positive total weight, and `_blend` divides by that total.
+    the part it shares with the next one; at the image borders it stays 1. Where two tiles overlap the
+    two ramps sum to 1. The ramps never reach 0, so every output pixel has a positive total weight, and
+    `_blend` divides by that total (which matters only where three tiles overlap).
     """
     weights = []
     for i, start in enumerate(starts):
-        w = torch.ones(min(tile, size) * scale)
+        w = torch.ones(length * scale)
         if i > 0:
-            rise = (starts[i - 1] + tile - start) * scale  # width shared with the previous tile
+            rise = (starts[i - 1] + length - start) * scale  # width shared with the previous tile
             w[:rise] = torch.minimum(w[:rise], (torch.arange(rise) + 0.5) / rise)
         if i + 1 < len(starts):
-            fall = (start + tile - starts[i + 1]) * scale  # width shared with the next tile
+            fall = (start + length - starts[i + 1]) * scale  # width shared with the next tile
             w[-fall:] = torch.minimum(w[-fall:], (torch.arange(fall, 0, -1) - 0.5) / fall)
         weights.append(w)
     return weights
@@ -75,15 +79,13 @@ def _blend(
     Sizes are counted in units: a unit is `in_scale` pixels of `x` and `out_scale` pixels of each
     output (decode: 1 latent pixel -> f image pixels; encode: f image pixels -> 1 latent pixel).
     """
-    height, width = x.shape[-2] // in_scale, x.shape[-1] // in_scale
-    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-    row_w = ramp_weights(height, rows, tile, out_scale)
-    col_w = ramp_weights(width, cols, tile, out_scale)
+    (rows, tile_h), (cols, tile_w) = (tile_layout(n // in_scale, tile, overlap) for n in x.shape[-2:])
+    row_w, col_w = ramp_weights(rows, tile_h, out_scale), ramp_weights(cols, tile_w, out_scale)
     outputs: list[torch.Tensor] = []
-    total = torch.zeros(height * out_scale, width * out_scale, device=x.device)
+    total = torch.zeros(x.shape[-2] // in_scale * out_scale, x.shape[-1] // in_scale * out_scale, device=x.device)
     for r, top in enumerate(rows):
         for c, left in enumerate(cols):
-            piece = x[..., top * in_scale : (top + tile) * in_scale, left * in_scale : (left + tile) * in_scale]
+            piece = x[..., top * in_scale : (top + tile_h) * in_scale, left * in_scale : (left + tile_w) * in_scale]
             results = fn(piece)
             weight = (row_w[r][:, None] * col_w[c][None, :]).to(x.device)  # (h, w) of this tile's output
             window = (
@@ -91,7 +93,7 @@ def _blend(
                 slice(left * out_scale, left * out_scale + weight.shape[1]),
             )
             if not outputs:  # allocated once the first tile shows the batch and channel sizes
-                outputs = [r.new_zeros((*r.shape[:-2], *total.shape), dtype=torch.float32) for r in results]
+                outputs = [t.new_zeros((*t.shape[:-2], *total.shape), dtype=torch.float32) for t in results]
             for out, result in zip(outputs, results, strict=True):
                 out[(..., *window)] += result.float() * weight
             total[window] += weight
@@ -102,8 +104,9 @@ def _blend(
 def decode_tiled(vae: AutoencoderKL, z: torch.Tensor, tile_latent: int = 64, overlap_latent: int = 16) -> torch.Tensor:
     """Unscaled latents (B, 4, h, w) -> image (B, 3, fh, fw) in float32, decoded in blended tiles.
 
-    Tiles are `tile_latent` latent pixels square (64 = 512 image pixels for SD, the training size) and
-    overlap by at least `overlap_latent`. A latent no larger than one tile is decoded whole.
+    Tiles are at most `tile_latent` latent pixels on a side (64 = 512 image pixels for SD, the training
+    size) and overlap by at least `overlap_latent` (see `tile_layout`). A latent no larger than one tile
+    is decoded whole.
     """
     if z.shape[-2] <= tile_latent and z.shape[-1] <= tile_latent:
         return vae.decode(z).float()

@@ -11,7 +11,7 @@ from torch import nn
 
 from sdcli import tiling
 from sdcli.models.vae import AutoencoderKL
-from sdcli.tiling import decode, decode_tiled, encode_tiled, is_out_of_memory, ramp_weights, tile_starts
+from sdcli.tiling import decode, decode_tiled, encode_tiled, is_out_of_memory, ramp_weights, tile_layout
 
 
 class LocalVAE(nn.Module):
@@ -46,37 +46,50 @@ def set_diffusers_tiling(ref, tile_latent: int, overlap_latent: int, downscale: 
 @pytest.mark.parametrize(
     "size, tile, overlap, expected",
     [
-        (40, 64, 16, [0]),  # smaller than a tile: one tile
-        (64, 64, 16, [0]),
-        (65, 64, 16, [0, 1]),  # the last tile is aligned to the end, not cut short
-        (112, 64, 16, [0, 48]),
-        (256, 64, 16, [0, 48, 96, 144, 192]),  # 2048 pixels for SD
-        (100, 32, 0, [0, 32, 64, 68]),
+        (40, 64, 16, ([0], 40)),  # smaller than a tile: one tile
+        (64, 64, 16, ([0], 64)),
+        (65, 64, 16, ([0, 1], 64)),
+        (112, 64, 16, ([0, 48], 64)),
+        (128, 64, 16, ([0, 32, 64], 64)),  # 1024 pixels for SD: overlaps of 32, not 16 and 48
+        (256, 64, 16, ([0, 48, 96, 144, 192], 64)),  # 2048 pixels for SD
+        (100, 32, 0, ([0, 23, 45, 68], 32)),
     ],
 )
-def test_tile_starts_cover_the_size_with_full_tiles(size, tile, overlap, expected):
-    starts = tile_starts(size, tile, overlap)
-    assert starts == expected
-    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:], strict=False))  # overlap kept
+def test_tile_layout_covers_the_size_with_the_fewest_tiles_spread_evenly(size, tile, overlap, expected):
+    starts, length = tile_layout(size, tile, overlap)
+    assert (starts, length) == expected
+    assert length <= tile and starts[0] == 0 and starts[-1] + length == size
+    assert all(b - a <= length - overlap for a, b in zip(starts, starts[1:], strict=False))  # overlap kept
+    if len(starts) > 1:  # and no fewer tiles of at most `tile` could cover the size with that overlap
+        fewer = len(starts) - 1
+        assert fewer * tile - (fewer - 1) * overlap < size
 
 
-def test_tile_starts_refuses_overlap_as_large_as_the_tile():
+def test_tile_layout_refuses_overlap_as_large_as_the_tile():
     with pytest.raises(ValueError, match="overlap"):
-        tile_starts(100, 16, 16)
+        tile_layout(100, 16, 16)
 
 
 @pytest.mark.parametrize(
-    "size, tile, overlap, scale", [(112, 64, 16, 8), (256, 64, 16, 1), (65, 64, 16, 8), (48, 20, 6, 3)]
+    "size, tile, overlap, scale", [(112, 64, 16, 8), (256, 64, 16, 1), (65, 64, 16, 8), (50, 20, 6, 3)]
 )
 def test_ramp_weights_sum_to_one_everywhere(size, tile, overlap, scale):
-    # Where three tiles overlap (a short last step, e.g. size 50, tile 20, overlap 6) the raw ramps do not
-    # sum to 1 and the blend divides by their total; the pixelwise test below covers that case.
-    starts = tile_starts(size, tile, overlap)
+    starts, length = tile_layout(size, tile, overlap)
     total = torch.zeros(size * scale)
-    for start, w in zip(starts, ramp_weights(size, starts, tile, scale), strict=True):
+    for start, w in zip(starts, ramp_weights(starts, length, scale), strict=True):
         assert (w > 0).all() and (w <= 1).all()
         total[start * scale : start * scale + len(w)] += w
     torch.testing.assert_close(total, torch.ones_like(total))
+
+
+def test_ramp_weights_of_three_overlapping_tiles_stay_positive():
+    # Overlap above half the tile: three tiles share some pixels, the raw ramps no longer sum to 1, and
+    # the blend divides by their total (the pixelwise test below checks the result).
+    starts, length = tile_layout(40, 16, 10)
+    total = torch.zeros(40)
+    for start, w in zip(starts, ramp_weights(starts, length, 1), strict=True):
+        total[start : start + length] += w
+    assert (total > 0).all()
 
 
 def test_tiled_decode_and_encode_are_exact_for_a_pixelwise_vae():
@@ -84,6 +97,7 @@ def test_tiled_decode_and_encode_are_exact_for_a_pixelwise_vae():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 4, 40, 56, generator=g)
     torch.testing.assert_close(decode_tiled(vae, z, 16, 6), vae.decode(z))
+    torch.testing.assert_close(decode_tiled(vae, z, 16, 10), vae.decode(z))  # three tiles share some pixels
     x = torch.rand(2, 3, 160, 224, generator=g) * 2 - 1
     for tiled, whole in zip(encode_tiled(vae, x, 64, 24), vae.encode(x), strict=True):
         torch.testing.assert_close(tiled, whole)
@@ -104,7 +118,7 @@ def test_tiled_decode_is_close_to_whole_decode_and_no_worse_than_diffusers(name)
     vae = randomize_(AutoencoderKL(cfg), seed=2)
     f = vae.downscale
     z = torch.randn(1, cfg.embed_dim, LATENT_H, LATENT_W, generator=torch.Generator().manual_seed(0))
-    assert len(tile_starts(LATENT_H, TILE, OVERLAP)) * len(tile_starts(LATENT_W, TILE, OVERLAP)) == 4
+    assert len(tile_layout(LATENT_H, TILE, OVERLAP)[0]) * len(tile_layout(LATENT_W, TILE, OVERLAP)[0]) == 4
     ref = reference_vae(vae.state_dict(), TINY_UNETS["a"], cfg)
     set_diffusers_tiling(ref, TILE, OVERLAP, f)
     with torch.no_grad():
