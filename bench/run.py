@@ -55,7 +55,8 @@ class Row:
     unit: str = "s"
     target: str = ""
     met: bool | None = None
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)  # medians of every variant timed
+    samples: dict[str, list[float]] = field(default_factory=dict)  # every timed run, for the JSON
     note: str = ""
 
     @property
@@ -92,7 +93,11 @@ def main() -> None:
 
     table = format_table(rows)
     print("\n" + table)
-    print(f"\ntotal bench time {time.perf_counter() - started:.0f} s")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(
+        f"\ntotal bench time {time.perf_counter() - started:.0f} s; load average at the end {load[0]:.2f} "
+        f"{load[1]:.2f} {load[2]:.2f} (this bench alone makes about {args.threads})"
+    )
     if args.json:
         args.json.write_text(json.dumps([{**asdict(r), "ratio": r.ratio} for r in rows], indent=2))
 
@@ -189,7 +194,7 @@ def bench_networks(
     for key, by_side in times.items():
         medians = {side: median(v) for side, v in by_side.items()}
         diffusers_best = min(v for side, v in medians.items() if side.startswith("diffusers"))
-        row = Row(key, medians["sdcli"], diffusers_best, extra=medians)
+        row = Row(key, medians["sdcli"], diffusers_best, extra=medians, samples=by_side)
         targets = {"UNet": UNET_TARGET, "VAE": VAE_TARGET}.get(key.split()[0], {})
         if (limit := targets.get(dtype_name)) is not None:
             row.target, row.met = f"ratio <= {limit}", row.ratio <= limit
@@ -205,10 +210,12 @@ def bf16_skipped_row() -> Row:
     with torch.inference_mode():
         for name, dtype in DTYPES.items():
             layer, inp = conv.to(dtype), x.to(dtype)
-            layer(inp)
-            start = time.perf_counter()
-            layer(inp)
-            seconds[name] = time.perf_counter() - start
+            runs = []
+            for _ in range(3):  # the fastest of a few runs: least disturbed by other load
+                start = time.perf_counter()
+                layer(inp)
+                runs.append(time.perf_counter() - start)
+            seconds[name] = min(runs)
     slowdown = seconds["bf16"] / seconds["fp32"]
     return Row(
         "bf16 rows (UNet, VAE)",

@@ -11,7 +11,7 @@ from torch import nn
 
 from sdcli import tiling
 from sdcli.models.vae import AutoencoderKL
-from sdcli.tiling import decode, decode_tiled, encode_tiled, is_out_of_memory, ramp_weights, tile_layout
+from sdcli.tiling import decode, decode_tiled, encode, encode_tiled, is_out_of_memory, ramp_weights, tile_layout
 
 
 class LocalVAE(nn.Module):
@@ -198,49 +198,75 @@ def test_finite_decode_is_not_redone_and_does_not_warn(tiny_vae):
     assert image.dtype == torch.float32 and torch.isfinite(image).all()
 
 
+def spy_on(monkeypatch, name: str) -> list:
+    """Record the input shapes the policy hands to `tiling.<name>` (decode_tiled or encode_tiled)."""
+    calls = []
+    real = getattr(tiling, name)
+
+    def spy(vae, x, *args):
+        calls.append(tuple(x.shape))
+        return real(vae, x, *args)
+
+    monkeypatch.setattr(tiling, name, spy)
+    return calls
+
+
 @pytest.fixture
 def tiled_calls(monkeypatch) -> list:
-    """Record the latent shapes `decode` hands to `decode_tiled`."""
-    calls = []
-    real = tiling.decode_tiled
-
-    def spy(vae, z, *args):
-        calls.append(tuple(z.shape))
-        return real(vae, z, *args)
-
-    monkeypatch.setattr(tiling, "decode_tiled", spy)
-    return calls
+    return spy_on(monkeypatch, "decode_tiled")
 
 
 @pytest.mark.parametrize(
     "tiling_arg, size, expect_tiled",
     [(None, 12, True), (None, 8, False), (True, 8, True), (False, 12, False)],
 )
-def test_decode_tiles_when_asked_or_above_the_area_threshold(
+def test_decode_and_encode_tile_when_asked_or_above_the_area_threshold(
     monkeypatch, tiny_vae, tiled_calls, tiling_arg, size, expect_tiled
 ):
     monkeypatch.setattr(tiling, "AUTO_TILE_LATENT_AREA", 10 * 10)
+    encode_calls = spy_on(monkeypatch, "encode_tiled")
     decode(tiny_vae, torch.randn(1, 4, size, size), tiling=tiling_arg, tile_latent=8, overlap_latent=4)
-    assert bool(tiled_calls) == expect_tiled
+    f = tiny_vae.downscale
+    mean, logvar = encode(tiny_vae, torch.rand(1, 3, size * f, size * f), tiling=tiling_arg, tile=8 * f, overlap=4 * f)
+    assert bool(tiled_calls) == bool(encode_calls) == expect_tiled
+    assert mean.shape == logvar.shape == (1, 4, size, size) and mean.dtype == torch.float32
 
 
-def test_default_threshold_is_above_768_pixels_for_sd(tiled_calls, monkeypatch):
-    monkeypatch.setattr(tiling, "_decode_once", lambda vae, z, tiled, *_: torch.tensor(float(tiled)))
+def test_default_threshold_is_above_768_pixels_for_sd(monkeypatch, tiled_calls):
+    encode_calls = spy_on(monkeypatch, "encode_tiled")
     vae = LocalVAE()
-    assert decode(vae, torch.zeros(1, 4, 96, 96)).item() == 0.0  # 768x768
-    assert decode(vae, torch.zeros(1, 4, 96, 104)).item() == 1.0  # 832x768
+    vae.downscale = 8  # as SD's VAE
+    decode(vae, torch.zeros(1, 4, 96, 96))  # 768x768
+    encode(vae, torch.zeros(1, 3, 768, 768))
+    assert tiled_calls == encode_calls == []
+    decode(vae, torch.zeros(1, 4, 96, 104))  # 832x768
+    encode(vae, torch.zeros(1, 3, 768, 832))
+    assert len(tiled_calls) == len(encode_calls) == 1
 
 
-def oom_above(vae: nn.Module, side: int, error: Exception) -> None:
-    """Make `vae.decode` fail with `error` on latents larger than `side`, as a GPU with little memory would."""
-    real = vae.decode
+def test_non_finite_half_precision_encode_is_redone_in_fp32(tiny_vae):
+    x = torch.rand(1, 3, 16, 12, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        expected = tiny_vae.encode(x)
+    half = tiny_vae.to(torch.bfloat16)
+    overflow_below_fp32(half.encoder)
+    messages = []
+    mean, logvar = encode(half, x, tiling=False, warn=messages.append)
+    assert len(messages) == 1 and "encoding again in fp32" in messages[0]
+    for actual, wanted in zip((mean, logvar), expected, strict=True):
+        torch.testing.assert_close(actual, wanted, rtol=0, atol=1e-2 * wanted.abs().max().item())
 
-    def decode_or_fail(z):
-        if max(z.shape[-2:]) > side:
+
+def oom_above(vae: nn.Module, side: int, error: Exception, method: str = "decode") -> None:
+    """Make `vae.<method>` fail with `error` on inputs larger than `side`, as a GPU with little memory would."""
+    real = getattr(vae, method)
+
+    def run_or_fail(x):
+        if max(x.shape[-2:]) > side:
             raise error
-        return real(z)
+        return real(x)
 
-    vae.decode = decode_or_fail
+    setattr(vae, method, run_or_fail)
 
 
 @pytest.mark.parametrize(
@@ -257,6 +283,19 @@ def test_out_of_memory_decode_is_retried_in_tiles(tiny_vae, tiled_calls, error):
     assert tiled_calls == [(1, 4, 12, 12)]
     assert len(messages) == 1 and "out of memory" in messages[0]
     torch.testing.assert_close(image, expected)
+
+
+def test_out_of_memory_encode_is_retried_in_tiles(monkeypatch, tiny_vae):
+    encode_calls = spy_on(monkeypatch, "encode_tiled")
+    x = torch.rand(1, 3, 24, 24) * 2 - 1
+    expected = encode_tiled(tiny_vae, x, 16, 8)
+    encode_calls.clear()
+    oom_above(tiny_vae, 16, torch.OutOfMemoryError("CUDA out of memory."), method="encode")
+    messages = []
+    mean, logvar = encode(tiny_vae, x, warn=messages.append, tile=16, overlap=8)
+    assert encode_calls == [(1, 3, 24, 24)]
+    assert messages == ["VAE encode ran out of memory at 24x24; encoding in tiles instead"]
+    torch.testing.assert_close((mean, logvar), expected)
 
 
 def test_out_of_memory_is_raised_when_tiling_is_off_or_already_on(tiny_vae):
