@@ -19,7 +19,7 @@ from sdcli.errors import UsageError
 from sdcli.images import from_pil
 from sdcli.sampler_names import SamplerSpec, resolve_sampler
 from sdcli.schedules import alphas_cumprod_sd, ddim_timesteps, make_sigmas
-from sdcli.tiling import AUTO_TILE_LATENT_AREA, decode, encode_tiled
+from sdcli.tiling import decode, encode
 
 MAX_SEED = 2**32 - 1
 
@@ -95,10 +95,8 @@ def encode_images(
     The sample's noise comes from each image's generator, after its initial noise, so img2img stays
     reproducible from the seed alone. Large images (or `tiling`) are encoded in blended tiles.
     """
-    images = images.to(model.device, model.dtype)
-    tiled = tiling if tiling is not None else images.shape[-2] * images.shape[-1] > AUTO_TILE_LATENT_AREA * 64
     with model.use(model.vae) as vae:
-        mean, logvar = encode_tiled(vae, images) if tiled else vae.encode(images)
+        mean, logvar = encode(vae, images.to(model.device, model.dtype), tiling=tiling)
     eps = draw_noise(generators, tuple(mean.shape[1:]), model.device)
     return (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * model.family.scale_factor
 
