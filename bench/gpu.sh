@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for issue 7: fp16 on the GPU against fp32 on the CPU (same random SD 1.5 weights), then
+# GPU check: fp16 on the GPU against fp32 on the CPU (same random SD 1.5 weights), then
 # sampling it/s at 512x512, 20 steps, batch 1, CFG, fp16: sdcli against diffusers, eager and compiled.
 # Needs only torch, diffusers and transformers on the machine (plus safetensors, typer, pillow, rich, which
 # diffusers/transformers bring); installs this repo without dependencies if sdcli is not importable.

@@ -39,7 +39,7 @@ from sdcli.devices import cpu_has_native_bf16  # noqa: E402
 
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Targets of issue 7 on this CPU class: the largest ratio sdcli/diffusers by network and dtype, and limits.
+# Targets on this CPU class: the largest ratio sdcli/diffusers by network and dtype, and limits.
 UNET_TARGET = {"fp32": 1.0, "bf16": 0.7}
 VAE_TARGET = {"bf16": 1.0}
 LOAD_TARGET_S, RSS_TARGET_GB, HELP_TARGET_S = 3.0, 3.0, 0.3

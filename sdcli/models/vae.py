@@ -43,7 +43,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3) for t in (self.q(y), self.k(y), self.v(y)))  # (B,1,HW,C)
+        # Contiguous (B, 1, HW, C): with a transposed view SDPA falls back to its math kernel and materialises
+        # the HW x HW scores (17 GB at 2048x2048).
+        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3).contiguous() for t in (self.q(y), self.k(y), self.v(y)))
         y = F.scaled_dot_product_attention(q, k, v)
         y = y.transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(y)
