@@ -96,7 +96,9 @@ Outdir = Annotated[Path | None, typer.Option(help="Output folder [default: ./out
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing files instead of adding -1, -2...")]
 ClipSkip = Annotated[int, typer.Option(min=1, help="1 = last CLIP layer, 2 = the one before it (A1111).")]
 Device = Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")]
-Dtype = Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on CPUs), fp16, bf16 or fp32.")]
+Dtype = Annotated[
+    str, typer.Option(help="auto (fp16 on GPUs, bf16 on CPUs with native bf16, else fp32), fp16, bf16, fp32.")
+]
 LowMemory = Annotated[
     bool, typer.Option("--low-memory", help="Keep networks on the CPU; each visits the GPU only while it works.")
 ]
