@@ -29,6 +29,14 @@ from sdcli.models.vae import AutoencoderKL
 
 # Keys a component's prefix may hold that are not weights of ours: buffers older libraries saved.
 IGNORED_SUFFIXES = ("position_ids",)
+# Initialisers torch's layers call from their constructors; pointless for weights about to be replaced.
+INITIALISERS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)  # fmt: skip
+# Half-precision conversions PyTorch does element by element on the CPU; through fp32 both halves are SIMD.
+SLOW_CPU_CASTS = {(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)}
+SCRATCH_ELEMENTS = 1 << 22  # 16 MB of fp32: small, and large enough to amortise the loop
 
 
 SAFETENSORS_DTYPES = {
@@ -48,6 +56,7 @@ class TensorReader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.scratch: torch.Tensor | None = None  # fp32 buffer for SLOW_CPU_CASTS, made on first use
 
     def __enter__(self) -> TensorReader:
         with self.path.open("rb") as f:
@@ -57,7 +66,13 @@ class TensorReader:
     def __exit__(self, *exc) -> None:
         self.map.close()
 
-    def read(self, info: TensorInfo, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    def read(
+        self,
+        info: TensorInfo,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> torch.Tensor:
         file_dtype = SAFETENSORS_DTYPES.get(info.dtype)
         if file_dtype is None:
             raise CheckpointError(f"{self.path}: tensor dtype {info.dtype} is not supported")
@@ -67,13 +82,56 @@ class TensorReader:
             raw = torch.frombuffer(self.map, dtype=torch.uint8, count=count, offset=info.start)
         view = raw.view(file_dtype).view(info.shape) if count else torch.empty(info.shape, dtype=file_dtype)
         target = dtype if file_dtype.is_floating_point else file_dtype
-        tensor = view.to(device=device, dtype=target, copy=True)
+        if len(info.shape) != 4:
+            memory_format = torch.contiguous_format
+        tensor = torch.empty(info.shape, dtype=target, device=device, memory_format=memory_format)
+        if (file_dtype, target) in SLOW_CPU_CASTS and tensor.device.type == "cpu":
+            self._copy_through_fp32(tensor, view)
+        else:
+            tensor.copy_(view)
         del raw, view
         if hasattr(self.map, "madvise") and count:
             page = mmap.PAGESIZE
             first = info.start // page * page
             self.map.madvise(mmap.MADV_DONTNEED, first, info.end - first)
         return tensor
+
+    def _copy_through_fp32(self, out: torch.Tensor, source: torch.Tensor) -> None:
+        """out <- source, a block of rows at a time through an fp32 buffer: twice as fast, the same bits (a NaN
+        may come back as another NaN).
+
+        Each block of the buffer takes `out`'s strides, so the second copy is a flat one whatever the layout
+        (contiguous or channels_last: both keep dimension 0 outermost).
+        """
+        row = out[0].numel() if out.dim() else 1
+        rows = SCRATCH_ELEMENTS // max(row, 1)
+        if out.dim() == 0 or rows == 0 or out.stride(0) != row:  # scalar, huge rows, or dimension 0 not outermost
+            out.copy_(source)
+            return
+        if self.scratch is None:
+            self.scratch = torch.empty(SCRATCH_ELEMENTS, dtype=torch.float32)
+        for first in range(0, out.shape[0], rows):
+            block = out[first : first + rows]
+            buffer = self.scratch.as_strided(block.shape, block.stride())
+            buffer.copy_(source[first : first + rows])
+            block.copy_(buffer)
+
+
+@contextmanager
+def skipped_initialisers() -> Iterator[None]:
+    """Build modules without running torch's parameter initialisers (their values are about to be replaced).
+
+    On the meta device they do no work, but the first one still imports torch's decompositions (about
+    a second and a half per process).
+    """
+    saved = {name: getattr(nn.init, name) for name in INITIALISERS if hasattr(nn.init, name)}
+    for name in saved:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 def _mismatch_error(path: Path, component: str, kind: str, keys: list[str]) -> CheckpointError:
@@ -89,9 +147,13 @@ def load_component(
     build: Callable[[], nn.Module],
     dtype: torch.dtype,
     device: torch.device | str,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> nn.Module:
-    """Build a module on the meta device and fill it from the keys under `prefix`, cast one by one."""
-    with torch.device("meta"):
+    """Build a module on the meta device and fill it from the keys under `prefix`, cast one by one.
+
+    `memory_format` applies to 4-D weights (convolutions): channels_last is faster on the CPU.
+    """
+    with torch.device("meta"), skipped_initialisers():
         module = build()
     component = type(module).__name__
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -106,7 +168,7 @@ def load_component(
         raise _mismatch_error(path, component, "unexpected", [prefix + k for k in unexpected])
     if wrong := [f"{prefix}{k} {found[k]} (expected {v})" for k, v in expected.items() if found[k] != v]:
         raise _mismatch_error(path, component, "wrong shape for", wrong)
-    state = {k: reader.read(infos[prefix + k], dtype, device) for k in expected}
+    state = {k: reader.read(infos[prefix + k], dtype, device, memory_format) for k in expected}
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
@@ -159,18 +221,21 @@ def load_model(
     """Load a single-file SD checkpoint (.safetensors, original layout) for `device` in `dtype`.
 
     Weights are cast once, straight from the memory-mapped file. With `offload` they stay on the CPU until
-    a network is used (see StableDiffusion.use).
+    a network is used (see StableDiffusion.use). On the CPU the convolutional networks are laid out
+    channels_last, which oneDNN runs faster (bench/RESULTS.md).
     """
     device = torch.device(device)
     path = Path(path)
     infos = read_header(path)
     family = detect({k: v.shape for k, v in infos.items()})
+    conv_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     with TensorReader(path) as reader:
 
-        def load(prefix: str, build: Callable[[], nn.Module]) -> nn.Module:
-            return load_component(path, reader, infos, prefix, build, dtype, "cpu" if offload else device)
+        def load(prefix: str, build: Callable[[], nn.Module], memory_format=torch.contiguous_format) -> nn.Module:
+            target = "cpu" if offload else device
+            return load_component(path, reader, infos, prefix, build, dtype, target, memory_format)
 
         text_encoder = load(CLIP_PREFIX, lambda: ClipTextModel(family.clip))
-        unet = load(UNET_PREFIX, lambda: UNetModel(family.unet))
-        vae = load(VAE_PREFIX, lambda: AutoencoderKL(family.vae))
+        unet = load(UNET_PREFIX, lambda: UNetModel(family.unet), conv_format)
+        vae = load(VAE_PREFIX, lambda: AutoencoderKL(family.vae), conv_format)
     return StableDiffusion(family, text_encoder, unet, vae, path, device, dtype, offload)

@@ -179,11 +179,14 @@ def _model_path(opts: dict, png, warn: Callable[[str], None]) -> Path:
 
 def _load(path: Path, opts: dict, warn: Callable[[str], None]):
     from sdcli.checkpoint import load_model
-    from sdcli.devices import resolve_device, resolve_dtype
+    from sdcli.devices import resolve_device, resolve_dtype, slow_dtype_note
     from sdcli.pipeline import compile_unet
 
     device = resolve_device(opts["device"])
-    model = load_model(path, device=device, dtype=resolve_dtype(opts["dtype"], device), offload=opts["low_memory"])
+    dtype = resolve_dtype(opts["dtype"], device)
+    if note := slow_dtype_note(dtype, device):
+        warn(note)
+    model = load_model(path, device=device, dtype=dtype, offload=opts["low_memory"])
     if opts["compile_unet"]:
         compile_unet(model, warn)
     return model

@@ -5,7 +5,8 @@ import torch
 from conftest import TINY_SD1, tiny_state_dict
 from safetensors.torch import save_file
 
-from sdcli.checkpoint import load_model
+import sdcli.checkpoint
+from sdcli.checkpoint import TensorReader, load_model, skipped_initialisers
 from sdcli.errors import CheckpointError
 from sdcli.families import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, detect
 from sdcli.header import read_header
@@ -55,6 +56,54 @@ def test_load_casts_any_file_dtype_to_any_model_dtype(tmp_path, file_dtype, mode
             torch.randn(1, 77, 128, dtype=DTYPES[model_dtype]),
         )
     assert out.dtype == DTYPES[model_dtype] and torch.isfinite(out).all()
+
+
+def special_values(shape, dtype):
+    """Random values of `dtype` with infinities, NaN, signed zeros, subnormals and rounding ties mixed in."""
+    values = torch.randn(shape) * torch.logspace(-9, 4, steps=max(1, torch.Size(shape).numel())).view(shape)
+    specials = [float("inf"), float("-inf"), float("nan"), -0.0, 0.0, 6e-8, -1e-40, 1 + 2**-8, 65504.0]
+    values.view(-1)[: len(specials)] = torch.tensor(specials[: values.numel()])
+    return values.to(dtype)
+
+
+@pytest.mark.parametrize(
+    ("file_dtype", "model_dtype"), [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)]
+)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_half_to_half_casts_through_fp32_give_the_direct_casts_bits(
+    tmp_path, monkeypatch, file_dtype, model_dtype, memory_format
+):
+    # A tiny buffer, so tensors span many blocks; rows of 100 do not fit and take the direct copy.
+    monkeypatch.setattr(sdcli.checkpoint, "SCRATCH_ELEMENTS", 64)
+    shapes = {"scalar": (), "vector": (333,), "rows": (5, 100), "conv": (7, 3, 2, 2), "one": (1, 4, 1, 1)}
+    stored = {name: special_values(shape, file_dtype) for name, shape in shapes.items()}
+    path = write(tmp_path, stored)
+    infos = read_header(path)
+    with TensorReader(path) as reader:
+        for name, value in stored.items():
+            loaded = reader.read(infos[name], model_dtype, "cpu", memory_format)
+            expected = value.to(model_dtype)
+            # Bit for bit (signed zeros, subnormals, ties), except that a NaN may come back as another NaN.
+            assert torch.equal(loaded.isnan(), expected.isnan()), name
+            assert torch.equal(loaded.nan_to_num(0.0).view(torch.int16), expected.nan_to_num(0.0).view(torch.int16))
+            if loaded.dim() == 4:
+                assert loaded.is_contiguous(memory_format=memory_format)
+
+
+def test_cpu_models_hold_convolutions_channels_last(tiny_checkpoint):
+    model = load_model(tiny_checkpoint)
+    assert model.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.unet.input_blocks[0][0].weight.stride()[1] == 1
+
+
+def test_initialisers_are_skipped_only_while_building():
+    weight = torch.full((3, 3), 5.0)
+    with pytest.raises(RuntimeError), skipped_initialisers():
+        assert torch.equal(torch.nn.init.kaiming_uniform_(weight), torch.full((3, 3), 5.0))
+        raise RuntimeError("the originals come back even after an error")
+    torch.nn.init.zeros_(weight)
+    assert torch.equal(weight, torch.zeros(3, 3))
 
 
 def test_missing_key_names_file_component_and_key(tmp_path):
