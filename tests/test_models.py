@@ -61,3 +61,19 @@ def test_clip_skip_out_of_range_is_an_error():
     model = ClipTextModel(TINY_CLIPS["a"])
     with pytest.raises(ValueError, match="clip_skip"):
         model(torch.zeros(1, 77, dtype=torch.long), clip_skip=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_half_precision_group_norm_keeps_float32_statistics(dtype, memory_format):
+    from sdcli.models.layers import group_norm
+
+    norm = randomize_(group_norm(64, 32, eps=1e-6))
+    # A large mean next to a small spread: half-precision statistics would lose the spread.
+    x = (torch.randn(2, 64, 24, 40) * 0.5 + 300).to(dtype).contiguous(memory_format=memory_format)
+    half = norm.to(dtype)
+    expected = torch.nn.functional.group_norm(x.float(), 32, half.weight.float(), half.bias.float(), 1e-6)
+    out = half(x)
+    assert out.dtype == dtype
+    # Rounding-level differences only (in bf16, 300's own spacing is 2: the spread is below it).
+    assert (out.float() - expected).abs().max() <= 2 * torch.finfo(dtype).eps * expected.abs().max()

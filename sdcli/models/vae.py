@@ -24,9 +24,10 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
+        # In place on the norms' fresh outputs: at full resolution each feature map is hundreds of MB.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(self.nin_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -120,7 +121,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2z, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))  # (B, 2z, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -145,7 +146,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))  # (B, 3, H, W)
 
 
 class AutoencoderKL(nn.Module):
