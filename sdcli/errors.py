@@ -17,5 +17,9 @@ class CheckpointError(SdcliError):
     """A model file that is missing, unreadable, unsafe or not a layout we know."""
 
 
+class DownloadError(SdcliError):
+    """A download that failed (network, access, checksum, offline); the message says what to do."""
+
+
 class ImageError(SdcliError):
     """An input image or mask that cannot be read or used."""

@@ -1,7 +1,7 @@
 """The local side of model files: the weights directory, the models in it, and their sha256 hashes.
 
 Imports no torch and no huggingface_hub, so the CLI can resolve names, directories and hashes instantly.
-The alias registry and the downloads live in `sdcli.download`.
+The alias registry lives in `sdcli.model_specs`, the downloads in `sdcli.download`.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def find_local_model(name: str, weights_dir: str | Path) -> Path | None:
     NAME may be a registry alias (its file in the weights directory), a file stem or a file name in the
     weights directory, or a path to an existing `.safetensors` file.
     """
-    from sdcli.download import REGISTRY  # here, not at the top: sdcli.download imports this module
+    from sdcli.model_specs import REGISTRY  # here, not at the top: sdcli.model_specs imports this module
 
     directory = Path(weights_dir)
     entry = REGISTRY.get(name)

@@ -1,0 +1,228 @@
+"""What a model name means: the alias registry, and `sdcli download SPEC` (alias, hub file or URL) resolved
+to where to fetch it and the checked file name it gets in the weights directory. No network, no torch."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from sdcli.errors import UsageError
+from sdcli.weights import SUFFIX
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "REGISTRY",
+    "SHA256_HEX",
+    "DownloadSpec",
+    "RegistryEntry",
+    "dest_in",
+    "hub_endpoint",
+    "resolve_spec",
+]
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """A model known by a short name: one single-file checkpoint in a hub repository."""
+
+    name: str
+    repo_id: str
+    filename: str
+    family: str  # a name in sdcli.families.FAMILIES
+    sha256: str | None  # of the whole file; None = trust the hub's LFS sha256
+    description: str
+
+    @property
+    def url(self) -> str:
+        """The file's address on huggingface.co, for people and `--list`."""
+        return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.filename}"
+
+
+# Names and hashes checked with the search tool (stored hub pages and public code), not guessed:
+REGISTRY: dict[str, RegistryEntry] = {
+    e.name: e
+    for e in (
+        # huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 (runwayml's repository, moved there in
+        # 2024): single files v1-5-pruned(-emaonly).{ckpt,safetensors}, no single-file fp16 (listed in
+        # huggingface.co/pcuenq/stable-diffusion-v1-5/commit/6364162, "Duplicate from" it). The sha256 is
+        # A1111's "Model hash [6ce0161689]" and appears with this URL in many independent download scripts.
+        RegistryEntry(
+            "sd15",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "v1-5-pruned-emaonly.safetensors",
+            "sd1",
+            "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
+            "Stable Diffusion 1.5, EMA weights, fp32 (4.27 GB); the default model",
+        ),
+        # The same weights in fp16 (2.13 GB), kept by ComfyUI's organisation:
+        # huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/tree/main lists
+        # v1-5-pruned-emaonly-fp16.safetensors; sha256 (2,132,696,762 bytes) as published in several
+        # model registries, one citing the hub's paths-info.
+        RegistryEntry(
+            "sd15-fp16",
+            "Comfy-Org/stable-diffusion-v1-5-archive",
+            "v1-5-pruned-emaonly-fp16.safetensors",
+            "sd1",
+            "e9476a13728cd75d8279f6ec8bad753a66a1957ca375a1464dc63b37db6e3916",
+            "Stable Diffusion 1.5, EMA weights, fp16 (2.13 GB)",
+        ),
+        # huggingface.co/stable-diffusion-v1-5/stable-diffusion-inpainting has only the pickled
+        # sd-v1-5-inpainting.ckpt as a single file (tree at 8a4288a), which we never load. The
+        # safetensors conversion of that file is webui/stable-diffusion-inpainting (commit c510a60,
+        # "safetensors - camenduru/converter"); its sha256 (4,265,203,873 bytes) is pinned by two
+        # unrelated projects' model registries.
+        RegistryEntry(
+            "sd15-inpaint",
+            "webui/stable-diffusion-inpainting",
+            "sd-v1-5-inpainting.safetensors",
+            "sd1-inpaint",
+            "0ec8f8585b104417a8c34a9fbcc1e922a70b8c15490ec4553087f01c8cf33673",
+            "Stable Diffusion 1.5 inpainting (RunwayML), fp32 (4.27 GB)",
+        ),
+    )
+}
+DEFAULT_MODEL = "sd15"
+
+
+@dataclass(frozen=True)
+class DownloadSpec:
+    """What `sdcli download SPEC` names, resolved: where to fetch it and the local file name."""
+
+    spec: str  # as the user wrote it (used in messages: "run `sdcli download SPEC`")
+    kind: Literal["hub", "url"]
+    filename: str  # the local file name in the weights directory, validated
+    repo_id: str | None = None
+    path_in_repo: str | None = None
+    revision: str = "main"
+    url: str | None = None
+    sha256: str | None = None
+    entry: RegistryEntry | None = None
+
+    @property
+    def source(self) -> str:
+        """Where the file comes from, for messages."""
+        if self.kind == "hub":
+            return f"{self.repo_id}/{self.path_in_repo}"
+        return str(self.url)
+
+
+# --------------------------------------------------------------------------------------------------
+# Names
+
+
+def resolve_spec(spec: str) -> DownloadSpec:
+    """Resolve a registry alias, `REPO_ID/PATH/IN/REPO.safetensors` or an `https://` (`http://`) URL.
+
+    A URL may end with `#sha256=HEX` to have the file verified. A huggingface.co `/resolve/` or `/blob/`
+    URL is treated as the hub file it names (so a gated one gets the token). Anything that is not a
+    `.safetensors` file is refused (we never unpickle), and so is any remote name that could place a file
+    outside the weights directory. Raises `UsageError` with what to write instead.
+    """
+    spec = spec.strip()
+    entry = REGISTRY.get(spec)
+    if entry is not None:
+        return DownloadSpec(
+            spec, "hub", entry.filename, entry.repo_id, entry.filename, sha256=entry.sha256, entry=entry
+        )
+    if re.match(r"https?://", spec, re.IGNORECASE):
+        return _resolve_url(spec)
+    if "/" in spec or "\\" in spec:
+        parts = _path_parts(spec, spec)
+        if len(parts) < 3:
+            raise UsageError(f"{spec!r}: a hub file is written REPO_OWNER/REPO_NAME/PATH/TO/FILE{SUFFIX}")
+        repo_id = "/".join(parts[:2])
+        _check_repo_id(repo_id, spec)
+        return DownloadSpec(spec, "hub", _local_name(parts[-1], spec), repo_id, "/".join(parts[2:]))
+    known = ", ".join(REGISTRY)
+    raise UsageError(
+        f"unknown model {spec!r}: use a name from `sdcli download --list` ({known}), "
+        f"REPO_ID/FILE{SUFFIX} or an https:// URL"
+    )
+
+
+def _resolve_url(spec: str) -> DownloadSpec:
+    url, _, fragment = spec.partition("#")
+    sha256 = None
+    if fragment:
+        match = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", fragment)
+        if match is None:
+            raise UsageError(f"{spec!r}: the only URL fragment understood is #sha256=<64 hex digits>")
+        sha256 = match.group(1).lower()
+    parsed = urlsplit(url)
+    if not parsed.hostname:
+        raise UsageError(f"{spec!r}: not a URL with a host")
+    if not parsed.path.strip("/"):
+        raise UsageError(f"{spec!r}: the URL does not name a file")
+    parts = _path_parts(parsed.path.lstrip("/"), spec)
+    hub = _hub_file_in_url(parsed.scheme, parsed.netloc, parts)
+    if hub is not None:
+        repo_id, revision, path = hub
+        _check_repo_id(repo_id, spec)
+        name = _local_name(path.rsplit("/", 1)[-1], spec)
+        return DownloadSpec(spec, "hub", name, repo_id, path, revision=revision, sha256=sha256)
+    return DownloadSpec(spec, "url", _local_name(parts[-1], spec), url=url, sha256=sha256)
+
+
+def _path_parts(path: str, spec: str) -> list[str]:
+    """Split a remote path (percent-decoded) into parts, refusing `.`, `..`, empty parts and backslashes,
+    so that nothing the remote side names can climb out of the weights directory."""
+    decoded = unquote(path)
+    if "\\" in decoded or "\0" in decoded:
+        raise UsageError(f"{spec!r}: refused, the path contains a backslash or NUL")
+    parts = decoded.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UsageError(f"{spec!r}: refused, the path has '..', '.' or an empty part (path traversal)")
+    return parts
+
+
+def _local_name(name: str, spec: str) -> str:
+    """Validate the basename a file will have in the weights directory."""
+    if not name.endswith(SUFFIX):
+        raise UsageError(
+            f"{spec!r}: only {SUFFIX} files can be downloaded (.ckpt/.pt/.bin are pickles, which can run "
+            f"code when loaded); look for a {SUFFIX} version of the model"
+        )
+    if name.startswith(".") or name == SUFFIX or ":" in name or any(ord(c) < 32 for c in name):
+        raise UsageError(f"{spec!r}: refused, {name!r} is not a plain file name")
+    return name
+
+
+def _check_repo_id(repo_id: str, spec: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UsageError(f"{spec!r}: {repo_id!r} is not a hub repository id ({e})") from e
+
+
+def _hub_file_in_url(scheme: str, netloc: str, parts: list[str]) -> tuple[str, str, str] | None:
+    """(repo_id, revision, path) when a URL is a model file's page or download link on the hub."""
+    hosts = {"huggingface.co", "hf.co"}
+    endpoint = hub_endpoint()
+    if endpoint:
+        hosts.add(urlsplit(endpoint).netloc.lower())
+    if netloc.lower() not in hosts or len(parts) < 5 or parts[2] not in ("resolve", "blob"):
+        return None
+    return f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:])
+
+
+def dest_in(directory: Path, filename: str) -> Path:
+    """`directory/filename`, checked to be directly inside `directory` (the last line of defence)."""
+    dest = (directory / filename).resolve()
+    if dest.parent != directory.resolve() or dest.name != filename:
+        raise UsageError(f"refused to write {filename!r}: it would land outside {directory}")
+    return dest
+
+
+def hub_endpoint() -> str | None:
+    """`HF_ENDPOINT` read now (huggingface_hub reads it once, at import), passed explicitly to each call."""
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
+    return endpoint or None
