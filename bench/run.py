@@ -6,9 +6,10 @@ medians and the ratio sdcli/diffusers (below 1: sdcli is faster or leaner). diff
 its networks in the default layout and in channels_last, and its better time is the baseline; sdcli is
 timed as it ships (channels_last on the CPU), against each.
 
-Whole jobs (load time, peak RSS) run in separate processes (bench/job.py). bf16 runs only on CPUs with
-native bf16 (AMX-BF16 / AVX512-BF16) unless `--bf16 on`: elsewhere PyTorch emulates it, hundreds of
-times slower than fp32, and a single 512x512 UNet step would take most of an hour.
+Whole jobs (load time, peak RSS) run in separate processes (bench/job.py). The bf16 network rows run only
+on CPUs with native bf16 (AMX-BF16 / AVX512-BF16) unless `--bf16 on`: elsewhere oneDNN emulates it, about
+10x slower than fp32 in channels_last (and 100-300x in the default layout). The whole bf16 job always runs,
+with one step where bf16 is emulated, because its peak memory is a target of its own.
 
     .venv/bin/python bench/run.py            # full run: 256 and 512, fp32 (+ bf16 where native)
     .venv/bin/python bench/run.py --quick    # a few minutes: 256x256 only, fewer repeats
@@ -207,40 +208,42 @@ def bench_networks(
 def bf16_skipped_row() -> Row:
     """Why bf16 is not measured here, with the evidence: one conv timed in fp32 and in emulated bf16."""
     conv = torch.nn.Conv2d(320, 320, 3, padding=1)
-    x = torch.randn(1, 320, 16, 16)
+    x = torch.randn(1, 320, 32, 32)
     seconds = {}
     with torch.inference_mode():
-        for name, dtype in DTYPES.items():
-            layer, inp = conv.to(dtype), x.to(dtype)
-            runs = []
-            for _ in range(3):  # the fastest of a few runs: least disturbed by other load
-                start = time.perf_counter()
-                layer(inp)
-                runs.append(time.perf_counter() - start)
-            seconds[name] = min(runs)
-    slowdown = seconds["bf16"] / seconds["fp32"]
+        for layout in (torch.contiguous_format, torch.channels_last):
+            for name, dtype in DTYPES.items():
+                layer, inp = conv.to(dtype, memory_format=layout), x.to(dtype, memory_format=layout)
+                layer(inp)  # warm-up: oneDNN builds its kernel
+                runs = []
+                for _ in range(3):  # the fastest of a few runs: least disturbed by other load
+                    start = time.perf_counter()
+                    layer(inp)
+                    runs.append(time.perf_counter() - start)
+                seconds[name, layout] = min(runs)
+    default, cl = (seconds["bf16", f] / seconds["fp32", f] for f in (torch.contiguous_format, torch.channels_last))
     return Row(
         "bf16 rows (UNet, VAE)",
         None,
         None,
         unit="-",
-        note=f"skipped: no native bf16 on this CPU; a 3x3 conv (320 ch, 16x16) runs {slowdown:.0f}x slower in "
-        "bf16 than fp32 here (emulated); use --bf16 on to force",
+        note=f"skipped: no native bf16 on this CPU; a 3x3 conv (320 ch, 32x32) runs {default:.0f}x (NCHW) / "
+        f"{cl:.0f}x (channels_last) slower in bf16 than fp32 here (emulated); use --bf16 on to force",
     )
 
 
 def bench_jobs(checkpoint: Path, config: Path, compute_dtypes: list[str], args: argparse.Namespace) -> list[Row]:
     """Whole txt2img jobs in separate processes, alternating sides: load time and peak RSS.
 
-    Where bf16 compute is skipped, the bf16 job only loads (steps 0): its peak RSS is then the
-    loading peak, the part of the job the memory target is most about.
+    Where bf16 compute is emulated (skipped in the network rows), the bf16 job takes one step: enough
+    for its peak memory, which every stage (load, sampling, decode) reaches once.
     """
     size = 256 if args.quick else 512
     out = args.cache / "jobs"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for dtype_name in ("fp32", "bf16"):
-        steps = args.job_steps if dtype_name in compute_dtypes else 0
+        steps = args.job_steps if dtype_name in compute_dtypes else 1
         results: dict[str, list[dict]] = {"sdcli": [], "diffusers": []}
         for i in range(args.job_repeats):
             for side in ("sdcli", "diffusers") if i % 2 == 0 else ("diffusers", "sdcli"):
@@ -252,7 +255,7 @@ def bench_jobs(checkpoint: Path, config: Path, compute_dtypes: list[str], args: 
                 stdout, wall, _ = run_child(cmd)  # the child's own VmHWM, not wait4's (see job.py)
                 report = json.loads(stdout.strip().splitlines()[-1])
                 results[side].append({**report, "wall_s": wall, "rss_gb": report["peak_rss_gb"]})
-        what = f"{size}x{size} {steps}-step job" if steps else "load only"
+        what = f"{size}x{size} {steps}-step job" + ("" if dtype_name in compute_dtypes else ", emulated bf16")
         med = {side: {k: median([r[k] for r in rs]) for k in rs[0]} for side, rs in results.items()}
         print(f"  jobs {dtype_name} ({what}): done", flush=True)
         load = Row(f"load time {dtype_name} ({what})", med["sdcli"]["load_s"], med["diffusers"]["load_s"])
