@@ -106,7 +106,7 @@ VaeTiling = Annotated[
     bool | None,
     typer.Option(
         "--vae-tiling/--no-vae-tiling",
-        help="Encode and decode in tiles (less memory). Default: only above 768x768 or after running out of memory.",
+        help="Encode and decode in tiles (less memory). Default: when free memory is short, or after running out.",
         show_default=False,
     ),
 ]

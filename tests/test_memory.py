@@ -104,7 +104,6 @@ def test_loading_holds_no_second_copy_of_the_weights(tmp_path, file_dtype, model
     print(f"loading grew peak RSS by {grown / 1e6:.0f} MB for {m['weights'] / 1e6:.0f} MB of weights")
 
 
-
 def test_vae_tiling_option_runs_through_encode_and_decode(tiny_checkpoint, tmp_path):
     from PIL import Image
 

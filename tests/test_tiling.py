@@ -223,6 +223,7 @@ def tiled_calls(monkeypatch) -> list:
 def test_decode_and_encode_tile_when_asked_or_above_the_area_threshold(
     monkeypatch, tiny_vae, tiled_calls, tiling_arg, size, expect_tiled
 ):
+    monkeypatch.setattr(tiling, "available_memory", lambda device: None)  # the threshold decides
     monkeypatch.setattr(tiling, "AUTO_TILE_LATENT_AREA", 10 * 10)
     encode_calls = spy_on(monkeypatch, "encode_tiled")
     decode(tiny_vae, torch.randn(1, 4, size, size), tiling=tiling_arg, tile_latent=8, overlap_latent=4)
@@ -233,6 +234,7 @@ def test_decode_and_encode_tile_when_asked_or_above_the_area_threshold(
 
 
 def test_default_threshold_is_above_768_pixels_for_sd(monkeypatch, tiled_calls):
+    monkeypatch.setattr(tiling, "available_memory", lambda device: None)
     encode_calls = spy_on(monkeypatch, "encode_tiled")
     vae = LocalVAE()
     vae.downscale = 8  # as SD's VAE
@@ -242,6 +244,32 @@ def test_default_threshold_is_above_768_pixels_for_sd(monkeypatch, tiled_calls):
     decode(vae, torch.zeros(1, 4, 96, 104))  # 832x768
     encode(vae, torch.zeros(1, 3, 768, 832))
     assert len(tiled_calls) == len(encode_calls) == 1
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_auto_tiles_when_a_whole_pass_needs_more_than_half_the_free_memory(monkeypatch, tiny_vae, tiled_calls, batch):
+    encode_calls = spy_on(monkeypatch, "encode_tiled")
+    f, cfg = tiny_vae.downscale, tiny_vae.cfg
+    z, x = torch.randn(batch, 4, 12, 12), torch.rand(batch, 3, 12 * f, 12 * f)
+    need = batch * (12 * f) ** 2 * 3 * cfg.ch * max(cfg.ch_mult[:2]) * 4  # fp32: 4 bytes
+    for free, expect_tiled in ((2 * need, False), (2 * need - 1, True)):
+        monkeypatch.setattr(tiling, "available_memory", lambda device, free=free: free)
+        tiled_calls.clear(), encode_calls.clear()
+        decode(tiny_vae, z, tile_latent=8, overlap_latent=4)
+        encode(tiny_vae, x, tile=8 * f, overlap=4 * f)
+        assert bool(tiled_calls) == bool(encode_calls) == expect_tiled, free
+
+
+def test_available_memory_reads_meminfo_on_the_cpu(monkeypatch, tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
+    monkeypatch.setattr(tiling, "MEMINFO", meminfo)
+    assert tiling.available_memory(torch.device("cpu")) == 20000000 * 1024
+    meminfo.write_text("MemTotal: 1 kB\n")  # old kernels have no MemAvailable
+    assert tiling.available_memory(torch.device("cpu")) is None
+    monkeypatch.setattr(tiling, "MEMINFO", tmp_path / "absent")
+    assert tiling.available_memory(torch.device("cpu")) is None
+    assert tiling.available_memory(torch.device("meta")) is None
 
 
 def test_non_finite_half_precision_encode_is_redone_in_fp32(tiny_vae):
