@@ -8,6 +8,7 @@ copy of the weights is ever held.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import warnings
@@ -77,10 +78,13 @@ class TensorReader:
         if file_dtype is None:
             raise CheckpointError(f"{self.path}: tensor dtype {info.dtype} is not supported")
         count = info.end - info.start
-        with warnings.catch_warnings():  # the mapping is read-only, and we only ever copy out of it
-            warnings.simplefilter("ignore", UserWarning)
-            raw = torch.frombuffer(self.map, dtype=torch.uint8, count=count, offset=info.start)
-        view = raw.view(file_dtype).view(info.shape) if count else torch.empty(info.shape, dtype=file_dtype)
+        if count:
+            with warnings.catch_warnings():  # the mapping is read-only, and we only ever copy out of it
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.frombuffer(self.map, dtype=torch.uint8, count=count, offset=info.start)
+            view = raw.view(file_dtype).view(info.shape)
+        else:  # an empty tensor: nothing to map (frombuffer refuses a count of 0)
+            raw = view = torch.empty(info.shape, dtype=file_dtype)
         target = dtype if file_dtype.is_floating_point else file_dtype
         if len(info.shape) != 4:
             memory_format = torch.contiguous_format
@@ -103,7 +107,7 @@ class TensorReader:
         Each block of the buffer takes `out`'s strides, so the second copy is a flat one whatever the layout
         (contiguous or channels_last: both keep dimension 0 outermost).
         """
-        row = out[0].numel() if out.dim() else 1
+        row = math.prod(out.shape[1:])
         rows = SCRATCH_ELEMENTS // max(row, 1)
         if out.dim() == 0 or rows == 0 or out.stride(0) != row:  # scalar, huge rows, or dimension 0 not outermost
             out.copy_(source)

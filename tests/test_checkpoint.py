@@ -60,10 +60,11 @@ def test_load_casts_any_file_dtype_to_any_model_dtype(tmp_path, file_dtype, mode
 
 def special_values(shape, dtype):
     """Random values of `dtype` with infinities, NaN, signed zeros, subnormals and rounding ties mixed in."""
-    values = torch.randn(shape) * torch.logspace(-9, 4, steps=max(1, torch.Size(shape).numel())).view(shape)
+    n = torch.Size(shape).numel()
+    values = torch.randn(n) * torch.logspace(-9, 4, steps=n)
     specials = [float("inf"), float("-inf"), float("nan"), -0.0, 0.0, 6e-8, -1e-40, 1 + 2**-8, 65504.0]
-    values.view(-1)[: len(specials)] = torch.tensor(specials[: values.numel()])
-    return values.to(dtype)
+    values[: len(specials)] = torch.tensor(specials[:n])
+    return values.view(shape).to(dtype)
 
 
 @pytest.mark.parametrize(
@@ -75,7 +76,14 @@ def test_half_to_half_casts_through_fp32_give_the_direct_casts_bits(
 ):
     # A tiny buffer, so tensors span many blocks; rows of 100 do not fit and take the direct copy.
     monkeypatch.setattr(sdcli.checkpoint, "SCRATCH_ELEMENTS", 64)
-    shapes = {"scalar": (), "vector": (333,), "rows": (5, 100), "conv": (7, 3, 2, 2), "one": (1, 4, 1, 1)}
+    shapes = {
+        "scalar": (),
+        "vector": (333,),
+        "rows": (5, 100),
+        "conv": (7, 3, 2, 2),
+        "one": (1, 4, 1, 1),
+        "empty": (0, 3),
+    }
     stored = {name: special_values(shape, file_dtype) for name, shape in shapes.items()}
     path = write(tmp_path, stored)
     infos = read_header(path)
