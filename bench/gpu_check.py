@@ -6,7 +6,8 @@
    sampler and card, alternating), eager and with torch.compile of the UNet. The step rate is timed
    with CUDA events recorded at each step's callback (no host synchronisation inside the loop), from the
    end of step 1 to the end of the last step; the whole call (text encoding, sampling, VAE decode) is
-   timed separately with a synchronisation at the end.
+   timed separately with a synchronisation at the end. Eager mode also times sdcli with its UNet and VAE
+   in channels_last ("sdcli+CL"), to learn whether that layout should ship on GPUs too (it does on CPUs).
 
 Prints a table; with $OUT set, also writes $OUT/gpu_check.json.
 """
@@ -141,11 +142,14 @@ class StepTimer:
         return (len(self.marks) - 1) / seconds
 
 
-def sdcli_runner(checkpoint: Path, args: argparse.Namespace):
+def sdcli_runner(checkpoint: Path, args: argparse.Namespace, channels_last: bool = False):
     from sdcli.checkpoint import load_model
     from sdcli.pipeline import GenerationRequest, generate
 
     model = load_model(checkpoint, device=args.device, dtype=args.torch_dtype)
+    if channels_last:
+        for net in (model.unet, model.vae):
+            net.to(memory_format=torch.channels_last)
     request = GenerationRequest(PROMPT, NEGATIVE, width=args.size, height=args.size, steps=args.steps, cfg=7.5)
 
     def run(steps: int | None = None) -> StepTimer:
@@ -207,10 +211,16 @@ def diffusers_runner(checkpoint: Path, config: Path, args: argparse.Namespace):
 
 
 def speed(checkpoint: Path, config: Path, args: argparse.Namespace) -> dict:
-    sides = {"sdcli": sdcli_runner(checkpoint, args), "diffusers": diffusers_runner(checkpoint, config, args)}
+    all_sides = {
+        "sdcli": sdcli_runner(checkpoint, args),
+        "diffusers": diffusers_runner(checkpoint, config, args),
+        "sdcli+CL": sdcli_runner(checkpoint, args, channels_last=True),
+    }
     modes = ["eager"] if args.skip_compile else ["eager", "compile"]
     results: dict = {}
     for mode in modes:
+        # The layout experiment runs eager only: compiling a third UNet would cost minutes of the budget.
+        sides = {name: side for name, side in all_sides.items() if mode == "eager" or name != "sdcli+CL"}
         for name, (run, compile_unet) in sides.items():
             if mode == "compile":
                 compile_unet()
@@ -255,12 +265,13 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
     print(f"\n| {setting} | sdcli it/s | diffusers it/s | ratio | sdcli s/image | diffusers s/image |")
     print("|---|---:|---:|---:|---:|---:|")
     speed = results["speed"]
-    for mode in ("eager", "compile"):
-        ours, theirs = speed.get(f"sdcli {mode}"), speed.get(f"diffusers {mode}")
+    for mode, ours_name in (("eager", "sdcli"), ("eager", "sdcli+CL"), ("compile", "sdcli")):
+        ours, theirs = speed.get(f"{ours_name} {mode}"), speed.get(f"diffusers {mode}")
         if ours and theirs:
             print(
-                f"| {mode} | {ours['it_s']:.1f} | {theirs['it_s']:.1f} | {ours['it_s'] / theirs['it_s']:.2f} | "
-                f"{ours['wall_s']:.2f} | {theirs['wall_s']:.2f} |"
+                f"| {mode}{'' if ours_name == 'sdcli' else ', sdcli channels_last'} | {ours['it_s']:.1f} | "
+                f"{theirs['it_s']:.1f} | {ours['it_s'] / theirs['it_s']:.2f} | {ours['wall_s']:.2f} | "
+                f"{theirs['wall_s']:.2f} |"
             )
 
 
