@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from importlib.resources import files
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from sdcli.models.vae import AutoencoderKL
 
 CHECKPOINT_NAME = "sd15-random-fp16-v2.safetensors"  # bump the suffix when the weights' recipe changes
 CONFIG_DIR_NAME = "diffusers-config-v1"
+TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
 def random_tensor(shape: tuple[int, ...], is_norm_scale: bool, generator: torch.Generator) -> torch.Tensor:
@@ -80,49 +82,14 @@ def ensure_checkpoint(cache: Path, seed: int = 0) -> Path:
     return path
 
 
-def ldm_original_config(family: Family = SD1) -> dict:
-    """The parts of LDM's v1-inference.yaml that diffusers' single-file converters read."""
-    unet, vae = family.unet, family.vae
-    return {
-        "model": {
-            "params": {
-                "unet_config": {
-                    "params": {
-                        "in_channels": unet.in_channels,
-                        "out_channels": unet.out_channels,
-                        "model_channels": unet.model_channels,
-                        "channel_mult": list(unet.channel_mult),
-                        "num_res_blocks": unet.num_res_blocks,
-                        "attention_resolutions": [2**i for i, d in enumerate(unet.transformer_depth) if d],
-                        "transformer_depth": 1,
-                        "context_dim": unet.context_dim,
-                        "num_heads": unet.num_heads,
-                        "use_linear_in_transformer": unet.use_linear_in_transformer,
-                    }
-                },
-                "first_stage_config": {
-                    "params": {
-                        "embed_dim": vae.embed_dim,
-                        "ddconfig": {
-                            "in_channels": vae.in_channels,
-                            "out_ch": vae.out_ch,
-                            "ch": vae.ch,
-                            "ch_mult": list(vae.ch_mult),
-                            "num_res_blocks": vae.num_res_blocks,
-                            "z_channels": vae.z_channels,
-                        },
-                    }
-                },
-            }
-        }
-    }
-
-
 def ensure_diffusers_config(cache: Path, family: Family = SD1) -> Path:
     """A diffusers-format config folder (no weights) for `from_single_file(..., config=folder)`, offline."""
     import diffusers
     from diffusers.loaders import single_file_utils as sfu
-    from transformers import CLIPTextConfig, CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    sys.path.insert(0, str(TESTS))  # the parity tests' config mapping, so bench and tests agree
+    from reference import clip_text_config, ldm_original_config
 
     folder = cache / CONFIG_DIR_NAME
     if (folder / "model_index.json").is_file():
@@ -133,7 +100,7 @@ def ensure_diffusers_config(cache: Path, family: Family = SD1) -> Path:
     with torch.device("meta"):
         shapes = {UNET_PREFIX + k: v for k, v in UNetModel(family.unet).state_dict().items()}
         shapes.update({VAE_PREFIX + k: v for k, v in AutoencoderKL(family.vae).state_dict().items()})
-    original = ldm_original_config(family)
+    original = ldm_original_config(family.unet, family.vae)
     unet = sfu.create_unet_diffusers_config_from_ldm(original, shapes)
     vae = sfu.create_vae_diffusers_config_from_ldm(original, shapes)
     scheduler = {  # SD 1.5's noise schedule; DPM++ 2M Karras, as sdcli's default sampler
@@ -168,19 +135,9 @@ def ensure_diffusers_config(cache: Path, family: Family = SD1) -> Path:
     for name, config in configs.items():
         (partial / name).parent.mkdir(parents=True, exist_ok=True)
         (partial / name).write_text(json.dumps({**config, "_diffusers_version": version}, indent=2))
-    clip = family.clip
-    CLIPTextConfig(
-        vocab_size=clip.vocab_size,
-        hidden_size=clip.hidden_size,
-        intermediate_size=clip.intermediate_size,
-        num_hidden_layers=clip.num_hidden_layers,
-        num_attention_heads=clip.num_attention_heads,
-        max_position_embeddings=clip.max_position_embeddings,
-        hidden_act=clip.hidden_act,
-        layer_norm_eps=clip.layer_norm_eps,
-        projection_dim=768,
-        architectures=["CLIPTextModel"],
-    ).save_pretrained(partial / "text_encoder")
+    clip_text_config(family.clip, projection_dim=768, architectures=["CLIPTextModel"]).save_pretrained(
+        partial / "text_encoder"
+    )
     tokenizer = CLIPTokenizer.from_pretrained(str(files("sdcli") / "data"), local_files_only=True, model_max_length=77)
     tokenizer.save_pretrained(partial / "tokenizer")
     shutil.rmtree(folder, ignore_errors=True)

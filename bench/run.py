@@ -56,7 +56,7 @@ class Row:
     unit: str = "s"
     target: str = ""
     met: bool | None = None
-    extra: dict[str, float] = field(default_factory=dict)  # medians of every variant timed
+    extra: dict[str, float] = field(default_factory=dict)  # medians of diffusers' layouts
     samples: dict[str, list[float]] = field(default_factory=dict)  # every timed run, for the JSON
     note: str = ""
 

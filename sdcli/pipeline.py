@@ -241,7 +241,7 @@ def generate(
     """Generate one image per request, as one batch: txt2img, img2img (init) or inpaint (init and mask).
 
     Returns images in [-1, 1] (B, 3, H, W), float32, on the CPU, before any paste-back of kept pixels.
-    `vae_tiling`: True/False forces tiled VAE encode/decode on or off; None decides by size.
+    `vae_tiling`: True/False forces tiled VAE encode/decode on or off; None decides by free memory.
     """
     first = requests[0]
     spec = first.validate()

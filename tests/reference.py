@@ -77,11 +77,9 @@ def reference_vae(state_dict: dict, unet: UNetConfig, vae: VAEConfig, device: st
     return model.eval()
 
 
-def reference_clip(state_dict: dict, clip: ClipConfig, device: str = "cpu") -> CLIPTextModel:
-    converted = sfu.convert_ldm_clip_checkpoint(_prefixed(state_dict, CLIP_PREFIX))
-    # transformers 5 dropped the `text_model.` level and the position_ids buffer from CLIPTextModel.
-    converted = {k.removeprefix("text_model."): v for k, v in converted.items() if not k.endswith("position_ids")}
-    config = CLIPTextConfig(
+def clip_text_config(clip: ClipConfig, **overrides) -> CLIPTextConfig:
+    """transformers' config for our ClipConfig."""
+    return CLIPTextConfig(
         vocab_size=clip.vocab_size,
         hidden_size=clip.hidden_size,
         intermediate_size=clip.intermediate_size,
@@ -93,9 +91,16 @@ def reference_clip(state_dict: dict, clip: ClipConfig, device: str = "cpu") -> C
         bos_token_id=0,
         eos_token_id=min(49407, clip.vocab_size - 1),
         pad_token_id=1,
+        **overrides,
     )
+
+
+def reference_clip(state_dict: dict, clip: ClipConfig, device: str = "cpu") -> CLIPTextModel:
+    converted = sfu.convert_ldm_clip_checkpoint(_prefixed(state_dict, CLIP_PREFIX))
+    # transformers 5 dropped the `text_model.` level and the position_ids buffer from CLIPTextModel.
+    converted = {k.removeprefix("text_model."): v for k, v in converted.items() if not k.endswith("position_ids")}
     with torch.device(device):
-        model = CLIPTextModel(config)
+        model = CLIPTextModel(clip_text_config(clip))
     model.load_state_dict(converted, strict=True, assign=device == "meta")
     return model.eval()
 
