@@ -83,6 +83,15 @@ TINY_SD1 = Family(
 TINY_SD1_INPAINT = replace(TINY_SD1, name="sd1-inpaint", unet=replace(TINY_SD1.unet, in_channels=9))
 
 
+def run_cli(*args, input: str | None = None):
+    """Run the sdcli command line in-process; every argument is turned into a string."""
+    from typer.testing import CliRunner
+
+    from sdcli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every parameter random values, norm scales and biases included, so no layer is an identity."""
     g = torch.Generator().manual_seed(seed)

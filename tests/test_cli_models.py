@@ -7,17 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from test_download import REPO, _isolated, hub  # noqa: F401 - fixtures
-from typer.testing import CliRunner
 
 from sdcli import download as dl
-from sdcli.cli import app
 
 FILE = "tiny-sd15.safetensors"
-
-
-def run_cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture

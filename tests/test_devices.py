@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import run_cli
 
 from sdcli import devices
 from sdcli.devices import cpu_has_native_bf16, cpuinfo_flags, resolve_device, resolve_dtype, slow_dtype_note
@@ -132,13 +133,9 @@ def test_slow_dtype_note_only_for_emulated_cpu_precision(native_bf16):
 
 @pytest.mark.parametrize("has_bf16", [False, True])
 def test_cli_warns_once_when_the_chosen_precision_is_emulated(native_bf16, tiny_checkpoint, tmp_path, has_bf16):
-    from typer.testing import CliRunner
-
-    from sdcli.cli import app
-
     native_bf16(has_bf16)
     args = ["txt2img", "x", "-m", str(tiny_checkpoint), "--steps", "1", "-W", "64", "-H", "64", "--dtype", "bf16"]
-    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a.png")])
+    result = run_cli(*args, "-o", tmp_path / "a.png")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if "emulated" in line]
     assert warnings == (["warning: " + slow_dtype_note(torch.bfloat16, CPU)] if not has_bf16 else [])

@@ -11,18 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SD1
+from conftest import TINY_SD1, run_cli
 from PIL import Image
 from reference import reference_models_from_file, reference_pipeline
-from typer.testing import CliRunner
-
-from sdcli.cli import app
 
 PROMPT, SEED, STEPS, CFG, SIZE = "a watercolour harbour", 99, 8, 6.0, 64
-
-
-def run_cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def pixels(path) -> np.ndarray:

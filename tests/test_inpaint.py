@@ -11,22 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SD1, TINY_SD1_INPAINT
+from conftest import TINY_SD1, TINY_SD1_INPAINT, run_cli
 from PIL import Image
 from reference import reference_pipeline
 from test_img2img import patch_vae_sampling, sdcli_latent_noises
-from typer.testing import CliRunner
 
 from sdcli.batch import load_inputs
 from sdcli.checkpoint import load_model
-from sdcli.cli import app
 from sdcli.pipeline import GenerationRequest, generate
 
 PROMPT, NEGATIVE, SEED, STEPS, CFG, SIZE = "a red door", "ugly", 5, 6, 7.0, 64
-
-
-def run_cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import write_checkpoint
-from typer.testing import CliRunner
+from conftest import run_cli, write_checkpoint
 
-from sdcli.cli import app
 from sdcli.families import ClipConfig, Family, UNetConfig, VAEConfig
 
 FAST = ["--steps", "3", "-W", "64", "-H", "64", "--seed", "3", "--sampler", "euler_a"]
-
-
-def run_cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_low_memory_gives_the_same_image(tiny_checkpoint, tmp_path):

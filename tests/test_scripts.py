@@ -9,17 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from PIL import Image
-from typer.testing import CliRunner
 
-from sdcli.cli import app
 from sdcli.images import parse_infotext, read_png_parameters
 
 FAST = ["--steps", "2", "-W", "64", "-H", "64"]
-
-
-def run_cli(*args, input=None):
-    return CliRunner().invoke(app, [str(a) for a in args], input=input)
 
 
 def pngs(folder: Path) -> list[Path]:

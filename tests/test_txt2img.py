@@ -10,20 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SD1
+from conftest import TINY_SD1, run_cli
 from kdiffusion_ref import load as load_kdiffusion
 from PIL import Image
 from reference import reference_models_from_file, reference_pipeline, reference_tokenizer
-from typer.testing import CliRunner
 
-from sdcli.cli import app
 from sdcli.images import parse_infotext, read_png_parameters
 
 PROMPT, NEGATIVE, SEED, STEPS, CFG, SIZE = "a photo of a cat", "blurry", 1234, 6, 5.0, 64
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(app, list(args))
 
 
 def generate(checkpoint: str, out: Path, sampler: str, *extra: str):
