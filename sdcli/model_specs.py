@@ -11,12 +11,12 @@ from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from sdcli.errors import UsageError
-from sdcli.weights import SUFFIX
 
 __all__ = [
     "DEFAULT_MODEL",
     "REGISTRY",
     "SHA256_HEX",
+    "SUFFIX",
     "DownloadSpec",
     "RegistryEntry",
     "dest_in",
@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+SUFFIX = ".safetensors"  # the only kind of model file sdcli downloads or loads
 
 
 @dataclass(frozen=True)

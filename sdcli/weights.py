@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from sdcli.model_specs import REGISTRY, SUFFIX
+
 __all__ = [
     "SUFFIX",
     "find_local_model",
@@ -22,7 +24,6 @@ __all__ = [
     "weights_dir",
 ]
 
-SUFFIX = ".safetensors"
 _PACKAGE_DIR = Path(__file__).resolve().parent  # tests point this elsewhere to fake a source checkout
 
 
@@ -84,8 +85,6 @@ def find_local_model(name: str, weights_dir: str | Path) -> Path | None:
     NAME may be a registry alias (its file in the weights directory), a file stem or a file name in the
     weights directory, or a path to an existing `.safetensors` file.
     """
-    from sdcli.model_specs import REGISTRY  # here, not at the top: sdcli.model_specs imports this module
-
     directory = Path(weights_dir)
     entry = REGISTRY.get(name)
     candidates = [entry.filename] if entry is not None else []
