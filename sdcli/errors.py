@@ -23,3 +23,7 @@ class DownloadError(SdcliError):
 
 class ImageError(SdcliError):
     """An input image or mask that cannot be read or used."""
+
+
+class WeightsDirError(SdcliError):
+    """A weights folder that cannot be found (no home directory) or written (read-only, permissions)."""

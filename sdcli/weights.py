@@ -13,18 +13,22 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from sdcli.errors import WeightsDirError
 from sdcli.model_specs import REGISTRY, SUFFIX
 
 __all__ = [
     "SUFFIX",
     "find_local_model",
     "list_local_models",
+    "require_weights_dir",
     "sha256_file",
     "short_hash",
     "weights_dir",
 ]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent  # tests point this elsewhere to fake a source checkout
+# The weights folder when there is no home directory to put one in: never created, so it holds no models.
+HOMELESS_WEIGHTS_DIR = Path("/nonexistent/sdcli/weights")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -38,33 +42,69 @@ def weights_dir(explicit: str | Path | None = None) -> Path:
     `~/Library/Application Support/sdcli/weights`; Windows `%LOCALAPPDATA%\\sdcli\\weights`).
 
     The result is absolute and does not depend on the working directory (cron starts in `$HOME`). The
-    directory is not created here; `download` creates it.
+    directory is not created here; `download` creates it. Without a home directory (HOME unset and no
+    passwd entry, as in containers run with an arbitrary user id) the answer is `HOMELESS_WEIGHTS_DIR`,
+    which holds no models; `require_weights_dir` refuses it with a clear message where a folder is needed.
     """
     if explicit:
-        return Path(explicit).expanduser().resolve()
+        return _expand(explicit).resolve()
     env = os.environ.get("SDCLI_WEIGHTS_DIR")
     if env:
-        return Path(env).expanduser().resolve()
+        return _expand(env).resolve()
     root = _PACKAGE_DIR.parent
     if (root / "pyproject.toml").is_file() and (root / "weights").is_dir():
         return (root / "weights").resolve()
-    return _user_dir("data") / "weights"
+    user = _user_dir("data")
+    return HOMELESS_WEIGHTS_DIR if user is None else user / "weights"
 
 
-def _user_dir(kind: Literal["data", "cache"]) -> Path:
-    """The per-user data or cache directory for sdcli, by each platform's convention."""
-    home = Path.home()
+def require_weights_dir(directory: str | Path) -> Path:
+    """`directory`, unless it is the stand-in for a missing home directory: then `WeightsDirError` saying how
+    to name a folder."""
+    directory = Path(directory)
+    if directory == HOMELESS_WEIGHTS_DIR:
+        raise WeightsDirError(
+            f"no weights folder: HOME is not set and user id {os.getuid() if hasattr(os, 'getuid') else '?'} has "
+            "no home directory; set SDCLI_WEIGHTS_DIR or pass --weights-dir (or pass --model FILE)"
+        )
+    return directory
+
+
+def _expand(path: str | Path) -> Path:
+    """`path` with a leading `~` expanded; `WeightsDirError` when there is no home directory to expand it to."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory"
+        raise WeightsDirError(f"{path}: there is no home directory to expand '~' to; give the full path") from None
+
+
+def _home() -> Path | None:
+    """The user's home directory, or None (HOME unset and no passwd entry)."""
+    try:
+        return Path.home()
+    except (RuntimeError, KeyError, OSError):
+        return None
+
+
+def _user_dir(kind: Literal["data", "cache"]) -> Path | None:
+    """The per-user data or cache directory for sdcli, by each platform's convention; None without a home."""
+    if sys.platform == "win32":
+        local = os.environ.get("LOCALAPPDATA")
+        base = Path(local) if local else _home()
+        if base is None:
+            return None
+        base = (base if local else base / "AppData" / "Local") / "sdcli"
+        return base if kind == "data" else base / "Cache"
+    if sys.platform != "darwin":
+        xdg = os.environ.get("XDG_DATA_HOME" if kind == "data" else "XDG_CACHE_HOME")
+        if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore relative paths
+            return Path(xdg) / "sdcli"
+    home = _home()
+    if home is None:
+        return None
     if sys.platform == "darwin":
         return home / "Library" / ("Application Support" if kind == "data" else "Caches") / "sdcli"
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local") / "sdcli"
-        return base if kind == "data" else base / "Cache"
-    var, default = (
-        ("XDG_DATA_HOME", home / ".local" / "share") if kind == "data" else ("XDG_CACHE_HOME", home / ".cache")
-    )
-    xdg = os.environ.get(var)
-    # The XDG spec says to ignore relative paths.
-    return (Path(xdg) if xdg and os.path.isabs(xdg) else default) / "sdcli"
+    return home / (".local/share" if kind == "data" else ".cache") / "sdcli"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,14 +176,22 @@ def _compute_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _hash_cache_path() -> Path:
+def _hash_cache_path() -> Path | None:
+    """Where the hash cache lives; None when there is nowhere to keep it (no home directory)."""
     base = os.environ.get("SDCLI_CACHE_DIR")
-    return (Path(base).expanduser() if base else _user_dir("cache")) / "sha256.json"
+    try:
+        folder = Path(base).expanduser() if base else _user_dir("cache")
+    except RuntimeError:  # "~" without a home directory
+        return None
+    return None if folder is None else folder / "sha256.json"
 
 
 def _read_hash_cache() -> dict[str, dict[str, Any]]:
+    cache = _hash_cache_path()
+    if cache is None:
+        return {}
     try:
-        data = json.loads(_hash_cache_path().read_text(encoding="utf-8"))
+        data = json.loads(cache.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # absent or damaged: the cache only saves time
         return {}
     files = data.get("files") if isinstance(data, dict) else None
@@ -157,6 +205,8 @@ def _remember_sha256(path: Path, digest: str) -> None:
     files = {k: v for k, v in _read_hash_cache().items() if os.path.exists(k)}
     files[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
     cache = _hash_cache_path()
+    if cache is None:
+        return
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

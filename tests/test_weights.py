@@ -13,6 +13,7 @@ import pytest
 
 from sdcli import weights as w
 from sdcli.download import REGISTRY
+from sdcli.errors import WeightsDirError
 
 DATA = bytes(range(256)) * 1000  # 256 kB, not a palindrome: reversed, it hashes differently
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -76,6 +77,44 @@ def test_list_local_models_lists_only_finished_safetensors(tmp_path):
     assert w.list_local_models(tmp_path / "absent") == []
 
 
+def _no_home(monkeypatch, tmp_path):
+    """As in a container run with an arbitrary user id: HOME unset and no passwd entry; not a checkout."""
+    import pwd
+
+    for var in ("HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "SDCLI_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    monkeypatch.setattr(w, "_PACKAGE_DIR", tmp_path / "site-packages" / "sdcli")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the passwd fallback is POSIX's")
+def test_without_a_home_directory_nothing_crashes_until_a_folder_is_needed(tmp_path, monkeypatch):
+    _no_home(monkeypatch, tmp_path)
+    with pytest.raises(RuntimeError):
+        Path.home()  # the situation: pathlib cannot find a home
+
+    directory = w.weights_dir()
+    assert directory == w.HOMELESS_WEIGHTS_DIR and not directory.exists()
+    assert w.list_local_models(directory) == [] and w.find_local_model("sd15", directory) is None
+    with pytest.raises(WeightsDirError, match=r"HOME is not set and user id \d+ has no home directory; set "):
+        w.require_weights_dir(directory)
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(DATA)
+    assert w.sha256_file(path) == SHA  # nowhere to cache it: computed
+    assert w.require_weights_dir(tmp_path) == tmp_path
+    with pytest.raises(WeightsDirError, match="no home directory to expand '~' to"):
+        w.weights_dir("~/models")
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))  # an absolute XDG folder needs no home
+    assert w.weights_dir() == tmp_path / "xdg" / "sdcli" / "weights"
+    monkeypatch.setenv("SDCLI_WEIGHTS_DIR", str(tmp_path / "env"))
+    assert w.weights_dir() == tmp_path / "env"
+
+
 # -- hashes -----------------------------------------------------------------------------------------
 
 
@@ -100,6 +139,17 @@ def test_sha256_is_cached_until_the_file_changes(tmp_path, monkeypatch):
 
 
 # -- imports ----------------------------------------------------------------------------------------
+
+
+def test_model_specs_and_weights_import_in_one_direction():
+    import ast
+
+    def imported(module: str) -> set[str]:
+        tree = ast.parse((Path(w.__file__).parent / f"{module}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert "sdcli.model_specs" in imported("weights")
+    assert "sdcli.weights" not in imported("model_specs")
 
 
 def test_weights_module_imports_neither_torch_nor_huggingface_hub(tmp_path):
