@@ -310,31 +310,44 @@ def models(
     weights_dir: WeightsDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per model on stdout.")] = False,
 ) -> None:
-    """List the models in the weights folder: name, family, size, dtype and short hash."""
+    """List the models in the weights folder: name, family, size, dtype and short hash.
+
+    A file that cannot be read is listed as unreadable, with the reason; the listing goes on.
+    """
     from sdcli.errors import CheckpointError
     from sdcli.families import detect
     from sdcli.header import read_header
-    from sdcli.weights import list_local_models, short_hash
+    from sdcli.weights import list_local_models, require_weights_dir, short_hash
     from sdcli.weights import weights_dir as resolve_weights_dir
 
-    directory = resolve_weights_dir(weights_dir)
+    directory = require_weights_dir(resolve_weights_dir(weights_dir))
     if not as_json:
         _stderr(f"weights folder: {directory}")
     for path in list_local_models(directory):
-        info = {"name": path.stem, "path": str(path), "size": path.stat().st_size}
+        info: dict = {"name": path.stem, "path": str(path), "size": None, "family": "unreadable", "dtype": "?"}
         try:
+            info["size"] = path.stat().st_size
             header = read_header(path)
-            info["family"] = detect({k: v.shape for k, v in header.items()}).name
+        except (CheckpointError, OSError) as e:
+            info["error"] = str(e).removeprefix(f"{path}: ") if isinstance(e, CheckpointError) else e.strerror
+        else:
             dtypes = sorted({v.dtype for k, v in header.items() if k.startswith("model.diffusion_model.")})
-            info["dtype"] = "/".join(dtypes)
-        except CheckpointError as e:
-            info.update(family="unknown", dtype="?", error=str(e))
-        info["hash"] = short_hash(path)
+            info["dtype"] = "/".join(dtypes) or "?"
+            try:
+                info["family"] = detect({k: v.shape for k, v in header.items()}).name
+            except CheckpointError as e:
+                info.update(family="unknown", error=str(e))
+        try:
+            info["hash"] = short_hash(path)
+        except OSError as e:
+            info["hash"] = None
+            info.setdefault("error", e.strerror or str(e))
         if as_json:
             typer.echo(json.dumps(info))
         else:
-            size = f"{info['size'] / 1e9:.2f} GB"
-            typer.echo(f"{info['name']:<40} {info['family']:<12} {size:>9} {info['dtype']:<6} {info['hash']}")
+            size = "?" if info["size"] is None else f"{info['size'] / 1e9:.2f} GB"
+            line = f"{info['name']:<40} {info['family']:<12} {size:>9} {info['dtype']:<6} {info['hash'] or '-'}"
+            typer.echo(line + (f"  ({info['error']})" if "error" in info else ""))
 
 
 def main() -> None:

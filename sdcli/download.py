@@ -6,20 +6,32 @@ fetching the bytes (resumable `.part`, sha256 check before the final name, progr
 weights directory, local lookup and the sha256 cache are `sdcli.weights`.
 
 A file already under its final name is used without network access when it matches the expected sha256.
-A lock file (`.<name>.lock`) keeps two processes (a cron job and a user) from appending to one `.part`.
+A lock file (`.<name>.lock`) keeps two processes (a cron job and a user) from appending to one `.part`;
+it is removed when the download ends, however it ends.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
-from sdcli.errors import DownloadError, UsageError
+from sdcli.errors import CheckpointError, DownloadError, SdcliError, UsageError, WeightsDirError
 from sdcli.fetch import Reporter, fetch_hub, fetch_url, say
-from sdcli.model_specs import DEFAULT_MODEL, REGISTRY, SHA256_HEX, DownloadSpec, RegistryEntry, dest_in, resolve_spec
-from sdcli.weights import SUFFIX, find_local_model, sha256_file
+from sdcli.header import read_header
+from sdcli.model_specs import (
+    DEFAULT_MODEL,
+    REGISTRY,
+    SHA256_HEX,
+    SUFFIX,
+    DownloadSpec,
+    RegistryEntry,
+    dest_in,
+    mask_credentials,
+    resolve_spec,
+)
+from sdcli.weights import find_local_model, require_weights_dir, sha256_file
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -57,7 +69,7 @@ def ensure_default_model(
     `sdcli download sd15`.
     """
     entry = REGISTRY[DEFAULT_MODEL]
-    directory = Path(weights_dir)
+    directory = require_weights_dir(weights_dir)
     if not (directory / entry.filename).is_file() and not is_offline(offline):
         say(
             f"no --model given and the default model {entry.name} is not downloaded yet: fetching "
@@ -76,14 +88,22 @@ def resolve_model(
     """
     if name is None:
         return ensure_default_model(weights_dir, offline=offline, token=token)
-    path = Path(name).expanduser()
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # "~" without a home directory: taken literally
+        path = Path(name)
     if path.is_file():
         return path  # any suffix: loading refuses pickles with its own message
+    if path.is_dir():
+        raise UsageError(f"--model {name} is a folder: give a .safetensors file inside it")
     found = find_local_model(name, weights_dir)
     if found is not None:
         return found
-    if name in REGISTRY or "://" in name or (name.count("/") >= 2 and name.endswith(SUFFIX)):
+    looks_local = path.is_absolute() or name.startswith((".", "~"))
+    if name in REGISTRY or "://" in name or (not looks_local and name.count("/") >= 2 and name.endswith(SUFFIX)):
         return download(name, weights_dir, token=token, offline=offline)
+    if not looks_local:
+        require_weights_dir(weights_dir)  # where a name would have been looked up
     raise DownloadError(
         f"{name}: no such model file, and no downloaded model of that name in {Path(weights_dir)}; check the path, "
         "or see `sdcli models` and `sdcli download --list`"
@@ -107,12 +127,26 @@ def download(
     None = a rich bar on stderr when stderr is a terminal, else one line per file; True/False force the
     bar/the line. `sha256` is an extra expected hash (as `URL#sha256=`). Nothing is written to stdout.
 
-    Raises `UsageError` for a name we refuse and `DownloadError` (one line that says what to do) for
-    offline mode, network, access, missing files and checksum mismatches.
+    Raises `UsageError` for a name we refuse, `WeightsDirError` for a folder that cannot be written (or no
+    folder at all, see `weights.require_weights_dir`) and `DownloadError` (one line that says what to do) for
+    offline mode, network, access, missing files, checksum mismatches and bodies that are not safetensors
+    files. No message shows the password of a `https://user:password@host/` URL.
     """
+    try:
+        return _download(spec, weights_dir, token, progress, offline, sha256)
+    except SdcliError as e:  # never echo a password written into a URL (user:password@host)
+        masked = mask_credentials(str(e))
+        if masked == str(e):
+            raise
+        raise type(e)(masked) from None
+
+
+def _download(
+    spec: str, weights_dir: str | Path, token: str | None, progress: bool | None, offline: bool, sha256: str | None
+) -> Path:
     resolved = resolve_spec(spec)
     expected = _expected_sha256(resolved, sha256)
-    directory = Path(weights_dir).expanduser().resolve()
+    directory = require_weights_dir(weights_dir).expanduser().resolve()
     dest = dest_in(directory, resolved.filename)
     offline = is_offline(offline)
     if _have_verified(dest, expected, resolved, offline):
@@ -120,17 +154,18 @@ def download(
     if offline:
         raise DownloadError(
             f"{resolved.filename} is not in {directory} and downloads are off (--offline or HF_HUB_OFFLINE=1): "
-            f"run `sdcli download {resolved.spec}` while online, or pass --model with a file you have"
+            f"run `sdcli download {resolved.spec}` while online, or pass --model with a .safetensors file you have "
+            f"(a path, or the name of one put into {directory})"
         )
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DownloadError(
-            f"cannot create the weights directory {directory}: {e.strerror}; choose another with --weights-dir "
+        raise WeightsDirError(
+            f"cannot create the weights folder {directory}: {e.strerror or e}; choose another with --weights-dir "
             "or SDCLI_WEIGHTS_DIR"
         ) from e
     with _lock(directory / f".{resolved.filename}.lock", resolved.filename):
-        if dest.is_file() and (expected is None or sha256_file(dest) == expected):
+        if dest.is_file() and _problem(dest, expected) is None:
             return dest  # another process finished it while we waited
         reporter = Reporter(resolved.filename, progress)
         try:
@@ -158,30 +193,55 @@ def _expected_sha256(resolved: DownloadSpec, extra: str | None) -> str | None:
 
 
 def _have_verified(dest: Path, expected: str | None, resolved: DownloadSpec, offline: bool) -> bool:
-    """Whether `dest` exists and matches the expected hash; a mismatch is re-downloaded (when online)."""
+    """Whether `dest` is there and sound (see `_problem`); one that is not is downloaded again (when online)."""
     if not dest.is_file():
         return False
-    if expected is None or sha256_file(dest) == expected:
+    problem = _problem(dest, expected)
+    if problem is None:
         return True
     if offline:
-        raise DownloadError(
-            f"{dest} does not match the sha256 expected for {resolved.spec}: run `sdcli download {resolved.spec}` "
-            "while online to replace it"
-        )
-    say(f"{dest.name} does not match its expected sha256; downloading it again (it is replaced once verified)")
+        raise DownloadError(f"{dest} {problem}: run `sdcli download {resolved.spec}` while online to replace it")
+    say(f"{dest.name} {problem}; downloading it again (it is replaced once verified)")
     return False
+
+
+def _problem(dest: Path, expected: str | None) -> str | None:
+    """What is wrong with a file under its final name: not the expected sha256, or (none known) not a
+    safetensors file, as a file kept by an older version could be. None when it is sound."""
+    if expected is not None:
+        return None if sha256_file(dest) == expected else "does not match its expected sha256"
+    try:
+        read_header(dest)
+    except CheckpointError:
+        return "is not a valid safetensors file"
+    return None
 
 
 @contextmanager
 def _lock(lock_path: Path, name: str) -> Iterator[None]:
-    """Hold `lock_path` (huggingface_hub's file lock), saying so when another process has it."""
+    """Hold `lock_path` (huggingface_hub's file lock), saying so when another process has it.
+
+    The lock file is removed while still held, however the body ends (Ctrl-C included), so lock files do
+    not pile up; filelock (recent versions) checks that the file it locked is still linked, so a process
+    that was waiting for the removed file takes a fresh one.
+    """
     from filelock import Timeout  # a dependency of huggingface_hub, whose lock raises it
     from huggingface_hub.utils import WeakFileLock
 
     with ExitStack() as stack:
         try:
-            stack.enter_context(WeakFileLock(lock_path, timeout=0.05))
-        except Timeout:
-            say(f"another sdcli process is downloading {name}; waiting for it to finish")
-            stack.enter_context(WeakFileLock(lock_path))
-        yield
+            try:
+                stack.enter_context(WeakFileLock(lock_path, timeout=0.05))
+            except Timeout:
+                say(f"another sdcli process is downloading {name}; waiting for it to finish")
+                stack.enter_context(WeakFileLock(lock_path))
+        except OSError as e:  # the first write into the folder: read-only, or not ours
+            raise WeightsDirError(
+                f"cannot write to the weights folder {lock_path.parent}: {e.strerror or e}; choose another with "
+                "--weights-dir or SDCLI_WEIGHTS_DIR"
+            ) from e
+        try:
+            yield
+        finally:
+            with suppress(OSError):  # a lock file left behind only costs a stray file
+                lock_path.unlink(missing_ok=True)

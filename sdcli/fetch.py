@@ -7,8 +7,10 @@ How a download stays safe:
   transient failures itself); an interrupted run leaves the `.part`, and the next run resumes from it.
 - When the bytes are all there, the `.part` is hashed and compared with the registry's sha256, else the
   hub's (the LFS sha256 the hub sends as `X-Linked-Etag`), else the one the user gave (`URL#sha256=HEX`);
-  a mismatch deletes it. Only a verified file is renamed to its final name, so a file under the final
-  name is always complete.
+  a mismatch deletes it. Its safetensors header is then read and checked (`sdcli.header`), so an error
+  page or a pickle served under a model's name is deleted too, hash or no hash. Only a verified file is
+  renamed to its final name, so a file under the final name is always complete. A `.part` that received
+  nothing (an error status) is removed; any other is kept for resuming.
 - We do not use `hf_hub_download(local_dir=...)`: in huggingface_hub 2.x its temporary files are unique
   per process and deleted on failure, so it cannot resume after an interruption, and it leaves its
   `.cache/huggingface/` folder in the weights directory. We use its metadata call and streaming function
@@ -17,6 +19,7 @@ How a download stays safe:
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import sys
@@ -24,7 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from sdcli.errors import DownloadError
+from sdcli.errors import CheckpointError, DownloadError
+from sdcli.header import read_header
 from sdcli.model_specs import SHA256_HEX, DownloadSpec, hub_endpoint
 from sdcli.weights import _remember_sha256, sha256_file
 
@@ -75,6 +79,8 @@ def fetch_url(resolved: DownloadSpec, dest: Path, expected: str | None, reporter
 
     assert resolved.url is not None
     headers = {"user-agent": f"sdcli/{__version__}"}  # never the hub token: this host is not the hub
+    if resolved.credentials is not None:  # from https://user:password@host/..., kept out of the URL and messages
+        headers["authorization"] = "Basic " + base64.b64encode(resolved.credentials.encode()).decode()
     _stream_verify_rename(resolved, resolved.url, dest, headers, None, expected, reporter)
 
 
@@ -87,16 +93,55 @@ def _stream_verify_rename(
     expected: str | None,
     reporter: Reporter,
 ) -> None:
-    """Stream `url` into `dest.part` (resuming), check its sha256, then rename it to `dest`."""
-    import httpx2
-    from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.file_download import http_get
-
+    """Stream `url` into `dest.part` (resuming), check its sha256 and that it is a safetensors file, then
+    rename it to `dest`."""
     part = dest.with_name(dest.name + ".part")
     resume = part.stat().st_size if part.is_file() else 0
     if size is not None and resume > size:  # not a prefix of this file: start again
         part.unlink()
         resume = 0
+    try:
+        _stream(resolved, url, part, dest, headers, size, resume, reporter)
+    finally:
+        if part.is_file() and part.stat().st_size == 0:  # nothing arrived (an error status): nothing to resume
+            part.unlink()
+    reporter.start(total=part.stat().st_size, initial=part.stat().st_size)  # when http_get had nothing to fetch
+    reporter.verifying()
+    actual = sha256_file(part, cache=False)
+    if expected is not None and actual != expected:
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{dest.name} from {resolved.source} has sha256 {actual[:12]}…, expected {expected[:12]}…; the file "
+            f"was deleted: run `sdcli download {resolved.spec}` again, and report it if it happens twice"
+        )
+    try:
+        read_header(part)  # an error page or a pickle must not get a model's name, whatever its hash
+    except CheckpointError as e:
+        part.unlink(missing_ok=True)
+        reason = str(e).removeprefix(f"{part}: ")
+        raise DownloadError(
+            f"what {resolved.source} sent is not a safetensors file ({reason}) and was deleted: check the "
+            "address, or download the file by hand and pass it to --model"
+        ) from None
+    os.replace(part, dest)
+    _remember_sha256(dest, actual)
+
+
+def _stream(
+    resolved: DownloadSpec,
+    url: str,
+    part: Path,
+    dest: Path,
+    headers: dict[str, str],
+    size: int | None,
+    resume: int,
+    reporter: Reporter,
+) -> None:
+    """Append the bytes after `resume` to `part` (huggingface_hub's http_get retries transient failures)."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.file_download import http_get
+
     try:
         with open(part, "ab") as f:  # append: bytes already there are kept, http_get asks for the rest
             http_get(
@@ -120,17 +165,6 @@ def _stream_verify_rename(
         # 416 for `bytes=<size>-`: the .part was already complete (a run killed before the rename)
     except (OSError, httpx2.RequestError) as e:
         raise _friendly_error(e, resolved, url, dest, during_transfer=True) from e
-    reporter.start(total=part.stat().st_size, initial=part.stat().st_size)  # when http_get had nothing to fetch
-    reporter.verifying()
-    actual = sha256_file(part, cache=False)
-    if expected is not None and actual != expected:
-        part.unlink(missing_ok=True)
-        raise DownloadError(
-            f"{dest.name} from {resolved.source} has sha256 {actual[:12]}…, expected {expected[:12]}…; the file "
-            f"was deleted: run `sdcli download {resolved.spec}` again, and report it if it happens twice"
-        )
-    os.replace(part, dest)
-    _remember_sha256(dest, actual)
 
 
 def _range_total(error: Any) -> int | None:
@@ -164,7 +198,8 @@ def _friendly_error(
     hub = resolved.kind == "hub"
     if isinstance(error, OfflineModeIsEnabled):
         return DownloadError(
-            f"downloads are off (HF_HUB_OFFLINE=1): run `sdcli download {resolved.spec}` with HF_HUB_OFFLINE unset"
+            f"downloads are off (HF_HUB_OFFLINE=1): run `sdcli download {resolved.spec}` with HF_HUB_OFFLINE unset, "
+            f"or pass --model with a .safetensors file you have (a path, or the name of one put into {dest.parent})"
         )
     if isinstance(error, HfHubHTTPError):
         status = error.response.status_code
@@ -195,7 +230,8 @@ def _friendly_error(
                 "command again to resume it"
             )
         return DownloadError(
-            f"cannot reach {host}: check the connection, or use --offline with a file already downloaded"
+            f"cannot reach {host}: check the connection and run `sdcli download {resolved.spec}` once online; or use "
+            f"a .safetensors file you have: pass --model FILE, or put it into {dest.parent} and pass --model NAME"
         )
     if isinstance(error, httpx2.RequestError):  # too many redirects, undecodable response
         return DownloadError(f"the request to {host} for {name} failed ({type(error).__name__}: {error})")

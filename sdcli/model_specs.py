@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -21,11 +21,13 @@ __all__ = [
     "RegistryEntry",
     "dest_in",
     "hub_endpoint",
+    "mask_credentials",
     "resolve_spec",
 ]
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 SUFFIX = ".safetensors"  # the only kind of model file sdcli downloads or loads
+URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s]*@")
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,10 @@ class DownloadSpec:
     repo_id: str | None = None
     path_in_repo: str | None = None
     revision: str = "main"
-    url: str | None = None
+    url: str | None = None  # without the `user:password@` a URL may carry (that goes in `credentials`)
     sha256: str | None = None
     entry: RegistryEntry | None = None
+    credentials: str | None = field(default=None, repr=False)  # "user:password", sent as HTTP Basic auth
 
     @property
     def source(self) -> str:
@@ -133,6 +136,11 @@ def resolve_spec(spec: str) -> DownloadSpec:
         )
     if re.match(r"https?://", spec, re.IGNORECASE):
         return _resolve_url(spec)
+    if re.match(r"[a-z][a-z0-9+.-]*://", spec, re.IGNORECASE):
+        raise UsageError(
+            f"{mask_credentials(spec)!r}: only https:// (and http://) URLs can be downloaded; for a file on this "
+            "machine, pass its path to --model"
+        )
     if "/" in spec or "\\" in spec:
         parts = _path_parts(spec, spec)
         if len(parts) < 3:
@@ -148,26 +156,35 @@ def resolve_spec(spec: str) -> DownloadSpec:
 
 
 def _resolve_url(spec: str) -> DownloadSpec:
+    shown = mask_credentials(spec)  # the password, if any, never appears in a message
     url, _, fragment = spec.partition("#")
     sha256 = None
     if fragment:
         match = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", fragment)
         if match is None:
-            raise UsageError(f"{spec!r}: the only URL fragment understood is #sha256=<64 hex digits>")
+            raise UsageError(f"{shown!r}: the only URL fragment understood is #sha256=<64 hex digits>")
         sha256 = match.group(1).lower()
     parsed = urlsplit(url)
     if not parsed.hostname:
-        raise UsageError(f"{spec!r}: not a URL with a host")
+        raise UsageError(f"{shown!r}: not a URL with a host")
     if not parsed.path.strip("/"):
-        raise UsageError(f"{spec!r}: the URL does not name a file")
-    parts = _path_parts(parsed.path.lstrip("/"), spec)
-    hub = _hub_file_in_url(parsed.scheme, parsed.netloc, parts)
+        raise UsageError(f"{shown!r}: the URL does not name a file")
+    parts = _path_parts(parsed.path.lstrip("/"), shown)
+    netloc = parsed.netloc.rpartition("@")[2]
+    hub = _hub_file_in_url(parsed.scheme, netloc, parts)
     if hub is not None:
         repo_id, revision, path = hub
-        _check_repo_id(repo_id, spec)
-        name = _local_name(path.rsplit("/", 1)[-1], spec)
-        return DownloadSpec(spec, "hub", name, repo_id, path, revision=revision, sha256=sha256)
-    return DownloadSpec(spec, "url", _local_name(parts[-1], spec), url=url, sha256=sha256)
+        _check_repo_id(repo_id, shown)
+        name = _local_name(path.rsplit("/", 1)[-1], shown)
+        return DownloadSpec(shown, "hub", name, repo_id, path, revision=revision, sha256=sha256)
+    credentials = unquote(parsed.netloc.rpartition("@")[0]) if "@" in parsed.netloc else None
+    bare = parsed._replace(netloc=netloc).geturl()
+    return DownloadSpec(shown, "url", _local_name(parts[-1], shown), url=bare, sha256=sha256, credentials=credentials)
+
+
+def mask_credentials(text: str) -> str:
+    """`text` with the `user:password@` of any URL in it replaced by `***@`."""
+    return URL_CREDENTIALS.sub(r"\1***@", text)
 
 
 def _path_parts(path: str, spec: str) -> list[str]:

@@ -3,6 +3,7 @@
 A local fake hub (tests/fake_hub.py) serves a tiny checkpoint in place of the real SD 1.5 file.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from conftest import run_cli
 from test_download import REPO, _isolated, hub  # noqa: F401 - fixtures
 
 from sdcli import download as dl
+from sdcli import weights as weights_module
 
 FILE = "tiny-sd15.safetensors"
 
@@ -20,8 +22,6 @@ def tiny_default(hub, tiny_checkpoint, monkeypatch):  # noqa: F811 - the fixture
     """The registry's default model replaced by the tiny checkpoint, served by the fake hub."""
     data = Path(tiny_checkpoint).read_bytes()
     hub.add_file(REPO, FILE, data)
-    import hashlib
-
     entry = dl.RegistryEntry("sd15", REPO, FILE, "sd1", hashlib.sha256(data).hexdigest(), "tiny stand-in")
     monkeypatch.setitem(dl.REGISTRY, "sd15", entry)
     return entry
@@ -78,14 +78,94 @@ def test_download_list_shows_the_registry():
     assert "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/" in result.stdout
 
 
-def test_models_reports_a_broken_file_without_failing(tmp_path):
+def test_models_lists_unreadable_files_with_their_reason_and_goes_on(tiny_checkpoint, tmp_path, monkeypatch):
     weights = tmp_path / "weights"
     weights.mkdir()
     (weights / "broken.safetensors").write_text("nope")
+    (weights / "good.safetensors").write_bytes(Path(tiny_checkpoint).read_bytes())
+    locked = weights / "locked.safetensors"
+    locked.write_bytes(Path(tiny_checkpoint).read_bytes())
+    real_open = Path.open
+
+    def no_permission(self, *args, **kwargs):  # chmod 000 as seen by a normal user (tests may run as root)
+        if self.name == locked.name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    def sha256(path):
+        with no_permission(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    monkeypatch.setattr(Path, "open", no_permission)
+    monkeypatch.setattr(weights_module, "_compute_sha256", sha256)
+
     result = run_cli("models", "--weights-dir", weights, "--json")
     assert result.exit_code == 0, result.output
-    (entry,) = [json.loads(line) for line in result.stdout.splitlines()]
-    assert entry["family"] == "unknown" and "not a safetensors file" in entry["error"]
+    entries = {e["name"]: e for e in map(json.loads, result.stdout.splitlines())}
+    assert list(entries) == ["broken", "good", "locked"]
+    assert entries["broken"]["family"] == "unreadable" and "not a safetensors file" in entries["broken"]["error"]
+    assert entries["locked"]["family"] == "unreadable" and "Permission denied" in entries["locked"]["error"]
+    assert entries["locked"]["hash"] is None
+    assert entries["good"]["family"] == "sd1" and "error" not in entries["good"]
+
+    text = run_cli("models", "--weights-dir", weights)
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert len(lines) == 3 and "unreadable" in lines[2] and "Permission denied" in lines[2]
+
+
+def test_download_into_a_folder_we_cannot_write_is_one_line_and_exit_1(tiny_default, tmp_path, monkeypatch):
+    import huggingface_hub.utils
+
+    def refuse(path, **kwargs):  # what filelock raises in a read-only folder
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(huggingface_hub.utils, "WeakFileLock", refuse)
+    result = run_cli("download", "sd15", "--weights-dir", tmp_path / "weights")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot write to the weights folder {(tmp_path / 'weights').resolve()}: Permission denied; "
+        "choose another with --weights-dir or SDCLI_WEIGHTS_DIR"
+    ]
+
+
+def test_first_run_without_network_says_what_to_do_and_leaves_no_lock(tiny_default, tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    weights = tmp_path / "weights"
+
+    result = run_cli("txt2img", "a cat", "--weights-dir", weights, "-o", tmp_path / "out.png")
+    assert result.exit_code == 1
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "run `sdcli download sd15` once online" in error
+    assert f"put it into {weights.resolve()} and pass --model NAME" in error and "--model FILE" in error
+    assert list(weights.iterdir()) == []  # no lock file, no empty part
+
+
+def test_without_a_home_directory_a_model_file_still_works(tiny_checkpoint, tmp_path, monkeypatch):
+    from test_weights import _no_home
+
+    _no_home(monkeypatch, tmp_path)
+    monkeypatch.delenv("SDCLI_WEIGHTS_DIR", raising=False)
+    out = tmp_path / "out.png"
+
+    result = run_cli("txt2img", "x", "-m", tiny_checkpoint, "--steps", 1, "-W", 64, "-H", 64, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+    models = run_cli("models")
+    assert models.exit_code == 1 and "HOME is not set" in models.stderr and "SDCLI_WEIGHTS_DIR" in models.stderr
+
+
+def test_a_folder_or_another_scheme_as_model_gets_an_accurate_message(tmp_path):
+    folder = run_cli("txt2img", "x", "-m", tmp_path, "-o", tmp_path / "o.png")
+    assert folder.exit_code == 2
+    assert f"--model {tmp_path} is a folder: give a .safetensors file inside it" in folder.stderr
+    ftp = run_cli("download", "ftp://example.com/model.safetensors", "--weights-dir", tmp_path)
+    assert ftp.exit_code == 2 and "only https://" in ftp.stderr and "traversal" not in ftp.stderr
 
 
 def test_unknown_model_name_is_a_one_line_error(tmp_path):

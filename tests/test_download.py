@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import os
+import pickle
 import subprocess
 import sys
 import time
@@ -14,7 +17,7 @@ from fake_hub import FakeHub, make_safetensors
 
 from sdcli import download as dl
 from sdcli import weights as weights_module
-from sdcli.errors import UsageError
+from sdcli.errors import UsageError, WeightsDirError
 
 REPO = "sdcli-test/tiny"
 FILE = "tiny.safetensors"
@@ -57,10 +60,10 @@ def weights(tmp_path) -> Path:
 
 
 def leftovers(directory: Path) -> list[str]:
-    """Files in the weights directory other than finished models and lock files."""
+    """Files in the weights directory other than finished models (lock files included: none may remain)."""
     if not directory.is_dir():
         return []
-    return sorted(p.name for p in directory.iterdir() if not p.name.endswith((".safetensors", ".lock")))
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".safetensors"))
 
 
 # -- the registry -----------------------------------------------------------------------------------
@@ -125,6 +128,7 @@ def test_interrupted_download_is_resumed_by_the_next_call_with_a_range_request(h
         dl.download(f"{REPO}/{FILE}", weights, progress=False)
     assert not (weights / FILE).exists()
     assert (weights / f"{FILE}.part").stat().st_size == CUT
+    assert leftovers(weights) == [f"{FILE}.part"]  # the resumable part only: no lock file
 
     hub.cuts = 0
     hub.requests.clear()
@@ -194,7 +198,7 @@ def test_unknown_repo_401_suggests_both_the_name_and_a_token(hub, weights):
         dl.download("nobody/nothing/x.safetensors", weights, progress=False)
 
 
-def test_unreachable_hub_says_check_the_connection_or_use_offline(weights, monkeypatch):
+def test_unreachable_hub_says_how_to_download_later_or_use_a_file_at_hand(weights, monkeypatch):
     import socket
 
     with socket.socket() as s:  # a port nobody listens on
@@ -202,8 +206,13 @@ def test_unreachable_hub_says_check_the_connection_or_use_offline(weights, monke
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
 
-    with pytest.raises(dl.DownloadError, match=r"cannot reach 127\.0\.0\.1:\d+: check the connection.*--offline"):
+    with pytest.raises(dl.DownloadError) as err:
         dl.download(f"{REPO}/{FILE}", weights, progress=False)
+    message = str(err.value)
+    assert message.startswith(f"cannot reach 127.0.0.1:{port}: check the connection")
+    assert f"run `sdcli download {REPO}/{FILE}` once online" in message
+    assert "--model FILE" in message and f"put it into {weights.resolve()} and pass --model NAME" in message
+    assert leftovers(weights) == []  # no lock file left behind
 
 
 def test_hub_url_is_downloaded_as_the_hub_file_it_names(hub, weights):
@@ -261,9 +270,56 @@ def test_url_sha256_mismatch_deletes_the_file(hub, weights):
     assert leftovers(weights) == [] and not (weights / "model.safetensors").exists()
 
 
-def test_url_404_says_check_the_url(hub, weights):
+def test_url_404_says_check_the_url_and_leaves_nothing(hub, weights):
     with pytest.raises(dl.DownloadError, match=r"HTTP 404.*check the URL"):
         dl.download(f"{hub.cdn_url}/files/absent.safetensors", weights, progress=False)
+    assert leftovers(weights) == []  # no empty .part, no lock
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"<!DOCTYPE html><html><body>Please log in</body></html>" * 20, "not a safetensors file"),
+        (pickle.dumps({"state_dict": {"w": [0.5] * 1000}}, protocol=4), "pickle"),
+        (DATA[: len(DATA) // 2], "truncated"),
+    ],
+    ids=["html page", "pickle", "half a file"],
+)
+def test_a_body_that_is_not_safetensors_never_gets_the_model_name(hub, weights, body, reason):
+    url = hub.add_plain("model.safetensors", body)  # no sha256 known: only the content can tell
+
+    with pytest.raises(dl.DownloadError, match=rf"is not a safetensors file \(.*{reason}.*\) and was deleted"):
+        dl.download(url, weights, progress=False)
+    assert not (weights / "model.safetensors").exists()
+    assert leftovers(weights) == []
+
+
+def test_a_broken_file_already_under_the_name_is_downloaded_again(hub, weights, capsys):
+    url = hub.add_plain("model.safetensors", DATA)
+    weights.mkdir()
+    (weights / "model.safetensors").write_text("<html>an error page kept by an older version</html>")
+
+    assert dl.download(url, weights, progress=False).read_bytes() == DATA
+    assert "is not a valid safetensors file; downloading it again" in capsys.readouterr().err
+
+
+def test_credentials_in_a_url_are_sent_but_never_shown(hub, weights, caplog, capsys):
+    url = hub.add_plain("model.safetensors", DATA)
+    with_password = url.replace("http://", "http://alice:s3cret@")
+
+    assert dl.download(with_password, weights, progress=False).read_bytes() == DATA
+    (get,) = hub.seen("cdn", "GET")
+    assert get.headers["authorization"] == "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+    absent = with_password.replace("model.safetensors", "absent.safetensors")
+    with pytest.raises(dl.DownloadError) as err:
+        dl.download(absent, weights, progress=False)
+    assert "HTTP 404" in str(err.value) and "s3cret" not in str(err.value)
+    with pytest.raises(UsageError) as err:
+        dl.download(with_password + "#md5=00", weights, progress=False)
+    assert "s3cret" not in str(err.value)
+    captured = capsys.readouterr()
+    assert "s3cret" not in captured.out + captured.err + caplog.text
 
 
 def test_url_never_receives_the_hub_token(hub, weights, monkeypatch):
@@ -306,6 +362,13 @@ def test_pickle_files_are_refused(spec):
         dl.resolve_spec(spec)
 
 
+@pytest.mark.parametrize("spec", ["file:///tmp/model.safetensors", "ftp://example.com/model.safetensors"])
+def test_other_schemes_are_refused_as_such_not_as_path_traversal(spec, weights):
+    with pytest.raises(UsageError, match=r"only https:// \(and http://\) URLs can be downloaded.*--model") as err:
+        dl.download(spec, weights, progress=False)
+    assert "traversal" not in str(err.value)
+
+
 def test_unknown_alias_points_at_the_list():
     with pytest.raises(UsageError, match="sdcli download --list"):
         dl.resolve_spec("sd99")
@@ -315,8 +378,12 @@ def test_unknown_alias_points_at_the_list():
 
 
 def test_offline_with_the_file_absent_says_run_sdcli_download(hub, weights, monkeypatch):
-    with pytest.raises(dl.DownloadError, match=rf"run `sdcli download {REPO}/{FILE}` while online"):
+    with pytest.raises(dl.DownloadError, match=rf"run `sdcli download {REPO}/{FILE}` while online") as err:
         dl.download(f"{REPO}/{FILE}", weights, offline=True)
+    assert (
+        f"pass --model with a .safetensors file you have (a path, or the name of one put into {weights.resolve()})"
+        in str(err.value)
+    )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(dl.DownloadError, match="HF_HUB_OFFLINE"):
         dl.download(f"{REPO}/{FILE}", weights)
@@ -351,6 +418,71 @@ def test_default_model_offline_and_absent_says_run_sdcli_download_sd15(weights, 
     with pytest.raises(dl.DownloadError, match=r"run `sdcli download sd15`"):
         dl.ensure_default_model(weights)
     assert capsys.readouterr().out == ""
+
+
+# -- the weights folder and its lock files --------------------------------------------------------
+
+
+def test_a_weights_folder_we_cannot_write_is_one_line_naming_it(hub, weights, monkeypatch):
+    import huggingface_hub.utils
+
+    def refuse(path, **kwargs):  # what filelock raises in a read-only folder (tests may run as root)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(huggingface_hub.utils, "WeakFileLock", refuse)
+    with pytest.raises(WeightsDirError) as err:
+        dl.download(f"{REPO}/{FILE}", weights, progress=False)
+    assert str(err.value) == (
+        f"cannot write to the weights folder {weights.resolve()}: Permission denied; choose another with "
+        "--weights-dir or SDCLI_WEIGHTS_DIR"
+    )
+    assert hub.seen("cdn") == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="permissions do not bind root")
+def test_a_read_only_weights_folder_is_refused_before_downloading(hub, weights):
+    weights.mkdir()
+    weights.chmod(0o555)
+    try:
+        with pytest.raises(WeightsDirError, match="cannot write to the weights folder"):
+            dl.download(f"{REPO}/{FILE}", weights, progress=False)
+    finally:
+        weights.chmod(0o755)
+
+
+def test_the_lock_is_removed_when_the_download_is_interrupted(hub, weights, monkeypatch):
+    import huggingface_hub.file_download
+
+    def ctrl_c(*args, **kwargs):
+        assert (weights / f".{FILE}.lock").exists()  # held while downloading
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(huggingface_hub.file_download, "http_get", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        dl.download(f"{REPO}/{FILE}", weights, progress=False)
+    assert leftovers(weights) == []
+
+
+def test_without_a_home_directory_downloads_ask_for_a_folder(monkeypatch):
+    with pytest.raises(WeightsDirError, match="HOME is not set.*set SDCLI_WEIGHTS_DIR or pass --weights-dir"):
+        dl.download(f"{REPO}/{FILE}", weights_module.HOMELESS_WEIGHTS_DIR, progress=False)
+    with pytest.raises(WeightsDirError, match="HOME is not set"):
+        dl.resolve_model(None, weights_module.HOMELESS_WEIGHTS_DIR)
+    with pytest.raises(WeightsDirError, match="HOME is not set"):
+        dl.resolve_model("my-model", weights_module.HOMELESS_WEIGHTS_DIR)
+
+
+# -- --model NAME -----------------------------------------------------------------------------------
+
+
+def test_model_names_that_are_local_paths_get_local_messages(tmp_path, weights):
+    with pytest.raises(UsageError, match=rf"--model {tmp_path} is a folder: give a \.safetensors file inside it"):
+        dl.resolve_model(str(tmp_path), weights)
+    absent = tmp_path / "sub" / "absent.safetensors"
+    with pytest.raises(dl.DownloadError, match=rf"{absent}: no such model file"):
+        dl.resolve_model(str(absent), weights)
+    with pytest.raises(dl.DownloadError, match="no such model file"):
+        dl.resolve_model("./sub/absent.safetensors", weights)
 
 
 # -- hashes -----------------------------------------------------------------------------------------
