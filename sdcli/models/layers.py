@@ -46,3 +46,10 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+def layers_to_run(layer: int, depth: int) -> int:
+    """How many of a text tower's `depth` blocks produce hidden state `layer` (-1: the last block's output)."""
+    if not -depth <= layer <= -1:
+        raise ValueError(f"layer must be between {-depth} and -1, got {layer}")
+    return depth + 1 + layer
