@@ -209,3 +209,23 @@ def reference_clip_sdxl(state_dict: dict, clip: ClipConfig, device: str = "cpu")
         model = CLIPTextModel(clip_text_config(clip))
     model.load_state_dict(converted, strict=True, assign=device == "meta")
     return model.eval()
+
+
+def reference_unet_sdxl(state_dict: dict, unet: UNetConfig, device: str = "cpu") -> UNet2DConditionModel:
+    """diffusers' SDXL UNet (`addition_embed_type="text_time"`) holding our UNet's weights, loaded strictly.
+
+    diffusers picks "text_time" for `num_classes: sequential` only when the context is 2048 or 1280 wide
+    (SDXL base, refiner), so tiny SDXL-shaped configs keep one of those widths.
+    """
+    checkpoint = _prefixed(state_dict, UNET_PREFIX)
+    original = ldm_original_config(unet, VAEConfig())
+    original["model"]["params"]["unet_config"]["params"].update(
+        num_classes="sequential", adm_in_channels=unet.adm_in_channels
+    )
+    config = sfu.create_unet_diffusers_config_from_ldm(original, checkpoint)
+    assert config["addition_embed_type"] == "text_time", config["addition_embed_type"]
+    converted = sfu.convert_ldm_unet_checkpoint(checkpoint, config)
+    with torch.device(device):
+        model = UNet2DConditionModel(**config)
+    model.load_state_dict(converted, strict=True, assign=device == "meta")
+    return model.eval()
