@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sdcli.families import ClipConfig
+from sdcli.families import ClipConfig, UNetConfig
 
 
 @dataclass(frozen=True)
@@ -29,3 +29,14 @@ class OpenClipConfig:
 OPENCLIP_H = OpenClipConfig()  # ViT-H/14: SD 2.x's text encoder
 OPENCLIP_BIGG = OpenClipConfig(width=1280, layers=32, heads=20, mlp_width=5120, projection_dim=1280)  # SDXL's second
 CLIP_L = ClipConfig()  # OpenAI ViT-L/14: SD 1.x's text encoder and SDXL's first
+
+SD2_UNET = UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+SDXL_UNET = UNetConfig(
+    channel_mult=(1, 2, 4),
+    transformer_depth=(0, 2, 10),  # no attention at the first level
+    transformer_depth_middle=10,
+    num_head_channels=64,
+    context_dim=2048,  # CLIP-L's 768 and OpenCLIP-bigG's 1280 side by side
+    use_linear_in_transformer=True,
+    adm_in_channels=2816,  # the `y` vector: bigG's pooled 1280 + six 256-wide size embeddings
+)
