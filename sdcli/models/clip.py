@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdcli.families import ClipConfig
-from sdcli.models.layers import attention, layers_to_run
+from sdcli.models.layers import attention, run_blocks
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP's approximation
@@ -109,13 +109,8 @@ class ClipTextModel(nn.Module):
         at each sequence's end token (its largest id), as transformers' `pooler_output`.
         """
         layers = self.text_model.encoder.layers
-        n = layers_to_run(layer, len(layers))
         x = self.text_model.embeddings(ids)  # (B, T, D)
-        hidden = x
-        for i, block in enumerate(layers[: len(layers) if pooled else n]):
-            x = block(x)
-            if i + 1 == n:
-                hidden = x
+        hidden, x = run_blocks(x, layers, layer, to_the_end=pooled)
         if final_norm:
             hidden = self.text_model.final_layer_norm(hidden)
         if not pooled:

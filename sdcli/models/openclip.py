@@ -14,7 +14,7 @@ from torch import nn
 
 from sdcli.models.clip import ACTIVATIONS
 from sdcli.models.configs import OpenClipConfig
-from sdcli.models.layers import attention, layers_to_run
+from sdcli.models.layers import attention, run_blocks
 
 
 class OpenClipAttention(nn.Module):
@@ -76,6 +76,7 @@ class OpenClipTextModel(nn.Module):
     def forward(
         self, ids: torch.Tensor, layer: int = -1, final_norm: bool = True, pooled: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """See `encode`."""
         return self.encode(ids, layer, final_norm, pooled)
 
     def encode(
@@ -89,13 +90,8 @@ class OpenClipTextModel(nn.Module):
         `ln_final`, at each sequence's end token (its largest id), times `text_projection`.
         """
         blocks = self.transformer.resblocks
-        n = layers_to_run(layer, len(blocks))
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]  # (B, T, D)
-        hidden = x
-        for i, block in enumerate(blocks[: len(blocks) if pooled else n]):
-            x = block(x)
-            if i + 1 == n:
-                hidden = x
+        hidden, x = run_blocks(x, blocks, layer, to_the_end=pooled)
         if final_norm:
             hidden = self.ln_final(hidden)
         if not pooled:
