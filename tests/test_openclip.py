@@ -79,8 +79,7 @@ def test_clip_encode_penultimate_without_norm_and_pooled_match_transformers(name
     ref = reference_clip_sdxl(ours.state_dict(), cfg)
     # CLIP-L pads with its end token: the pooled state is at the first one.
     ids = token_ids(cfg.vocab_size, cfg.max_position_embeddings, [4, cfg.max_position_embeddings - 1], pad=0)
-    ids[ids == 0] = cfg.vocab_size - 1
-    ref.eos_token_id = cfg.vocab_size - 1  # transformers pools at the first end token
+    ids[ids == 0] = cfg.vocab_size - 1  # transformers pools at the first end token (its config's eos id)
     with torch.no_grad():
         out = ref(ids, output_hidden_states=True)
         hidden, pooled = ours.encode(ids, layer=-2, final_norm=False, pooled=True)

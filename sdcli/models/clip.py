@@ -1,6 +1,7 @@
-"""The CLIP text tower (OpenAI ViT-L/14 for SD 1.x), with the checkpoint's attribute names.
+"""The CLIP text tower (OpenAI ViT-L/14 for SD 1.x and SDXL's first encoder), with the checkpoint's names.
 
-Attribute paths equal the keys under `cond_stage_model.transformer.` (`text_model.encoder.layers.0...`).
+Attribute paths equal the keys under `cond_stage_model.transformer.` (SD 1.x) or
+`conditioner.embedders.0.transformer.` (SDXL): `text_model.encoder.layers.0...`.
 """
 
 from __future__ import annotations
