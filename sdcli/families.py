@@ -33,6 +33,8 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 2.x+: proj_in/proj_out are Linear, not 1x1 conv.
     norm_groups: int = 32
+    # SDXL: width of the extra vector `y` (pooled text + size embeddings) added to the time embedding; 0: none.
+    adm_in_channels: int = 0
 
 
 @dataclass(frozen=True)

@@ -156,3 +156,76 @@ def reference_pipeline(pipeline_class, checkpoint: str, family):
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def open_clip_text_config(clip, num_hidden_layers: int | None = None) -> CLIPTextConfig:
+    """transformers' config for our OpenClipConfig (pads with 0; its end token is the vocabulary's last id)."""
+    return CLIPTextConfig(
+        vocab_size=clip.vocab_size,
+        hidden_size=clip.width,
+        intermediate_size=clip.mlp_width,
+        num_hidden_layers=clip.layers if num_hidden_layers is None else num_hidden_layers,
+        num_attention_heads=clip.heads,
+        max_position_embeddings=clip.context_length,
+        hidden_act=clip.hidden_act,
+        layer_norm_eps=clip.layer_norm_eps,
+        projection_dim=clip.projection_dim,
+        bos_token_id=clip.vocab_size - 2,
+        eos_token_id=clip.vocab_size - 1,
+        pad_token_id=0,
+    )
+
+
+def reference_open_clip(state_dict: dict, clip, prefix: str, device: str = "cpu"):
+    """transformers' CLIP text model holding our OpenCLIP tower's weights, converted as diffusers does.
+
+    Under SD 2.x's prefix diffusers builds a CLIPTextModel and drops `text_projection` and, at full size, the
+    unused last block (`SD_2_TEXT_ENCODER_KEYS_TO_IGNORE`); under SDXL's it builds a
+    CLIPTextModelWithProjection. Returns the model and the checkpoint keys diffusers deliberately ignores.
+    """
+    from transformers import CLIPTextModelWithProjection
+
+    checkpoint = _prefixed(state_dict, prefix)
+    with_projection = prefix != "cond_stage_model.model."
+    with torch.device("meta"):  # the converter only reads the config from the model it is given
+        shell = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(open_clip_text_config(clip))
+    converted = sfu.convert_open_clip_checkpoint(shell, checkpoint, prefix=prefix)
+    if not with_projection:
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    layers = len({k.split("encoder.layers.")[1].split(".")[0] for k in converted if "encoder.layers." in k})
+    ignored = {k for k in checkpoint if k in sfu.SD_2_TEXT_ENCODER_KEYS_TO_IGNORE}
+    with torch.device(device):
+        cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+        model = cls(open_clip_text_config(clip, num_hidden_layers=layers))
+    model.load_state_dict(converted, strict=True, assign=device == "meta")
+    return model.eval(), ignored
+
+
+def reference_clip_sdxl(state_dict: dict, clip: ClipConfig, device: str = "cpu") -> CLIPTextModel:
+    """transformers' CLIP text model holding our CLIP-L's weights under SDXL's prefix, converted as diffusers does."""
+    converted = sfu.convert_ldm_clip_checkpoint(_prefixed(state_dict, "conditioner.embedders.0.transformer."))
+    converted = {k.removeprefix("text_model."): v for k, v in converted.items() if not k.endswith("position_ids")}
+    with torch.device(device):
+        model = CLIPTextModel(clip_text_config(clip))
+    model.load_state_dict(converted, strict=True, assign=device == "meta")
+    return model.eval()
+
+
+def reference_unet_sdxl(state_dict: dict, unet: UNetConfig, device: str = "cpu") -> UNet2DConditionModel:
+    """diffusers' SDXL UNet (`addition_embed_type="text_time"`) holding our UNet's weights, loaded strictly.
+
+    diffusers picks "text_time" for `num_classes: sequential` only when the context is 2048 or 1280 wide
+    (SDXL base, refiner), so tiny SDXL-shaped configs keep one of those widths.
+    """
+    checkpoint = _prefixed(state_dict, UNET_PREFIX)
+    original = ldm_original_config(unet, VAEConfig())
+    original["model"]["params"]["unet_config"]["params"].update(
+        num_classes="sequential", adm_in_channels=unet.adm_in_channels
+    )
+    config = sfu.create_unet_diffusers_config_from_ldm(original, checkpoint)
+    assert config["addition_embed_type"] == "text_time", config["addition_embed_type"]
+    converted = sfu.convert_ldm_unet_checkpoint(checkpoint, config)
+    with torch.device(device):
+        model = UNet2DConditionModel(**config)
+    model.load_state_dict(converted, strict=True, assign=device == "meta")
+    return model.eval()

@@ -1,6 +1,7 @@
-"""The CLIP text tower (OpenAI ViT-L/14 for SD 1.x), with the checkpoint's attribute names.
+"""The CLIP text tower (OpenAI ViT-L/14 for SD 1.x and SDXL's first encoder), with the checkpoint's names.
 
-Attribute paths equal the keys under `cond_stage_model.transformer.` (`text_model.encoder.layers.0...`).
+Attribute paths equal the keys under `cond_stage_model.transformer.` (SD 1.x) or
+`conditioner.embedders.0.transformer.` (SDXL): `text_model.encoder.layers.0...`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdcli.families import ClipConfig
-from sdcli.models.layers import attention
+from sdcli.models.layers import attention, run_blocks
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP's approximation
@@ -96,7 +97,24 @@ class ClipTextModel(nn.Module):
         layers = self.text_model.encoder.layers
         if not 1 <= clip_skip <= len(layers):
             raise ValueError(f"clip_skip must be between 1 and {len(layers)}, got {clip_skip}")
-        x = self.text_model.embeddings(ids)
-        for layer in layers[: len(layers) - clip_skip + 1]:
-            x = layer(x)
-        return self.text_model.final_layer_norm(x)  # (B, T, D)
+        return self.encode(ids, layer=-clip_skip)[0]
+
+    def encode(
+        self, ids: torch.Tensor, layer: int = -1, final_norm: bool = True, pooled: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids (B, T) -> (per-token states (B, T, D) of `layer`, pooled (B, D) or None).
+
+        The same contract as OpenClipTextModel.encode: `layer` counts from the end as Hugging Face's
+        `hidden_states[layer]` (-1: the last layer, as `clip_skip` 1); `final_norm` applies the final layer
+        norm to those states (SDXL's CLIP-L does not); `pooled` also returns the last layer's normed state
+        at each sequence's end token (its largest id), as transformers' `pooler_output`.
+        """
+        layers = self.text_model.encoder.layers
+        x = self.text_model.embeddings(ids)  # (B, T, D)
+        hidden, x = run_blocks(x, layers, layer, to_the_end=pooled)
+        if final_norm:
+            hidden = self.text_model.final_layer_norm(hidden)
+        if not pooled:
+            return hidden, None
+        end = ids.argmax(dim=-1)  # the end token has the largest id; any padding follows it
+        return hidden, self.text_model.final_layer_norm(x)[torch.arange(ids.shape[0], device=ids.device), end]

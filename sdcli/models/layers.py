@@ -46,3 +46,23 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+def run_blocks(
+    x: torch.Tensor, blocks: nn.ModuleList, layer: int, to_the_end: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A text tower's blocks on embeddings x -> (hidden state `layer`, the output of the last block run).
+
+    `layer` counts from the end as Hugging Face's `hidden_states[layer]` (-1: the last block's output). Only
+    the blocks that state needs run, unless `to_the_end` (a pooled output needs the last block).
+    """
+    depth = len(blocks)
+    if not -depth <= layer <= -1:
+        raise ValueError(f"layer must be between {-depth} and -1, got {layer}")
+    wanted = depth + 1 + layer  # blocks before hidden state `layer`
+    hidden = x
+    for i, block in enumerate(blocks[: depth if to_the_end else wanted]):
+        x = block(x)
+        if i + 1 == wanted:
+            hidden = x
+    return hidden, x

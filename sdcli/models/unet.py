@@ -173,6 +173,10 @@ class UNetModel(nn.Module):
             return TimestepSequential(*layers)
 
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if cfg.adm_in_channels:  # SDXL: the vector `y` (pooled text, sizes) joins the time embedding
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+            )
         self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
         skip_channels = [ch]
         c = ch
@@ -203,9 +207,20 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(group_norm(c, groups), nn.SiLU(), nn.Conv2d(c, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Predict the noise (or v) in latents x (B, C, H, W) at `timesteps` (B,) given context (B, T, D)."""
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict the noise (or v) in latents x (B, C, H, W) at `timesteps` (B,) given context (B, T, D).
+
+        `y` (B, adm_in_channels) is SDXL's extra vector (see `sdxl_size.sdxl_y`); required exactly when the
+        config has `adm_in_channels`.
+        """
+        if (y is None) != (not self.cfg.adm_in_channels):
+            want = f"a (B, {self.cfg.adm_in_channels}) vector y" if self.cfg.adm_in_channels else "no vector y"
+            raise ValueError(f"this UNet takes {want}")
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))  # (B, 4C)
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))
         context = context.to(x.dtype)
         skips = []
         h = x
