@@ -12,7 +12,8 @@ import shlex
 from dataclasses import dataclass, field
 
 from sdcli.errors import ImageError, UsageError
-from sdcli.images import parse_infotext, read_png_parameters
+from sdcli.images import read_png_parameters
+from sdcli.infotext import parse_infotext
 
 # The fields a JSON Lines job may set, with the types JSON gives them.
 JOB_FIELDS: dict[str, tuple[type, ...]] = {

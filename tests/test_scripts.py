@@ -12,7 +12,8 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from sdcli.images import parse_infotext, read_png_parameters
+from sdcli.images import read_png_parameters
+from sdcli.infotext import parse_infotext
 
 FAST = ["--steps", "2", "-W", "64", "-H", "64"]
 
