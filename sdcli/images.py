@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -71,24 +73,50 @@ def from_pil(image: Image.Image) -> torch.Tensor:
 # Reading images and masks
 
 
-def _open_upright(path: Path | str, what: str) -> Image.Image:
-    """Open and fully decode an image file, with its EXIF orientation applied; ImageError if that fails."""
+def _open_upright(path: Path | str, what: str, warn: Callable[[str], None] | None = None) -> Image.Image:
+    """Open and fully decode an image file, with its EXIF orientation applied; ImageError if that fails.
+
+    An animated image (GIF, APNG, WebP) gives its first frame, with a warning. An image past Pillow's
+    decompression-bomb limit is refused, and one past its warning limit is decoded with our one-line
+    warning instead of Pillow's.
+    """
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{what} not found: {path}; check the path")
     if path.is_dir():
         raise ImageError(f"{what} is a directory, not an image: {path}; pass an image file such as a PNG or JPEG")
-    try:
-        with Image.open(path) as opened:
-            opened.load()  # decode now, so a truncated file fails here and not later in the pipeline
-            # Phone photos are stored sideways with an EXIF tag saying how to turn them; the model must see
-            # them the way a viewer shows them.
-            return ImageOps.exif_transpose(opened)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise ImageError(
-            f"cannot read {what} {path}: {reason}; pass an image file Pillow can read (PNG, JPEG, WebP, ...)"
-        ) from error
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as opened:
+                frames = getattr(opened, "n_frames", 1)
+                opened.seek(0)
+                opened.load()  # decode now, so a truncated file fails here and not later in the pipeline
+                # Phone photos are stored sideways with an EXIF tag saying how to turn them; the model must see
+                # them the way a viewer shows them.
+                image = ImageOps.exif_transpose(opened)
+        except Image.DecompressionBombError:
+            raise ImageError(_too_large(path, what)) from None
+        except (OSError, ValueError, SyntaxError, EOFError) as error:
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise ImageError(
+                f"cannot read {what} {path}: {reason}; pass an image file Pillow can read (PNG, JPEG, WebP, ...)"
+            ) from error
+    if warn is not None:
+        if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+            megapixels = image.width * image.height / 1e6
+            warn(f"{what} {path} is {megapixels:.0f} megapixels: decoding it takes a lot of memory")
+        if frames > 1:
+            warn(f"{what} {path} is animated ({frames} frames): using its first frame")
+    return image
+
+
+def _too_large(path: Path, what: str) -> str:
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6  # Pillow refuses images twice its warning limit
+    return (
+        f"{what} {path} has more than {limit:.0f} megapixels, more than sdcli decodes (a guard against "
+        "decompression bombs): scale it down first"
+    )
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -102,12 +130,13 @@ def _sixteen_bit_to_8(image: Image.Image) -> Image.Image:
     return image
 
 
-def load_image(path: Path | str) -> Image.Image:
+def load_image(path: Path | str, warn: Callable[[str], None] | None = None) -> Image.Image:
     """Load any image Pillow reads as RGB: EXIF orientation applied, transparent pixels composited on white.
 
     Raises ImageError, with a one-line message naming the file, when it is missing or not a readable image.
+    `warn` hears about animated and very large images.
     """
-    image = _sixteen_bit_to_8(_open_upright(path, "image"))
+    image = _sixteen_bit_to_8(_open_upright(path, "image", warn))
     if _has_alpha(image):
         # White, not black: transparent areas are usually "background", and A1111 flattens onto white too.
         rgba = image.convert("RGBA")
@@ -116,7 +145,7 @@ def load_image(path: Path | str) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_mask(path: Path | str) -> Image.Image:
+def load_mask(path: Path | str, warn: Callable[[str], None] | None = None) -> Image.Image:
     """Load an inpainting mask as an "L" image where 255 (white) means repaint and 0 means keep.
 
     As A1111's ``create_binary_mask``: a mask with an alpha channel that is not fully opaque uses the alpha
@@ -124,7 +153,7 @@ def load_mask(path: Path | str) -> Image.Image:
     luminance. An all-opaque alpha channel carries no information, so such a mask falls back to luminance.
     Values in between are kept; thresholding or blurring is the pipeline's choice.
     """
-    image = _sixteen_bit_to_8(_open_upright(path, "mask"))
+    image = _sixteen_bit_to_8(_open_upright(path, "mask", warn))
     if _has_alpha(image):
         alpha = image.convert("RGBA").getchannel("A")
         if alpha.getextrema() != (255, 255):
@@ -322,13 +351,19 @@ def read_png_parameters(path: Path | str) -> str | None:
     Raises ImageError when the file is missing or not an image.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path} is a folder: pass one image file")
     if not path.is_file():
         raise ImageError(f"image not found: {path}; check the path")
     try:
-        with Image.open(path) as image:
+        # Only the text is wanted: the size limit that guards decoding pixels does not apply.
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             # PNG ``text`` also reads text chunks stored after the image data; ``info`` covers other formats.
             text = getattr(image, "text", None) or image.info
             value = text.get("parameters")
+    except Image.DecompressionBombError:
+        raise ImageError(_too_large(path, "image")) from None
     except (OSError, ValueError, SyntaxError) as error:
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ImageError(f"cannot read image {path}: {reason}; pass a PNG written by sdcli or A1111") from error
