@@ -317,36 +317,37 @@ def job_requests(
             f"seed must be between 0 and {MAX_SEED - (n - 1)} for {n} image{'s' if n != 1 else ''}, got {first_seed}"
         )
     default_size = family.default_size if family is not None else DEFAULTS.size
-    size = (values.get("width"), values.get("height"))
-    init_image = mask_image = None
-    if values.get("init") is not None:
-        init_image, mask_image = load_inputs(
-            Path(values["init"]), Path(values["mask"]) if values.get("mask") else None, size,
-            values.get("resize", DEFAULTS.resize), values.get("mask_blur", 0),
-            values.get("invert_mask", DEFAULTS.invert_mask), warn,
-        )  # fmt: skip
-        size = init_image.size
-    elif values.get("mask") is not None:
+    width, height = values.get("width"), values.get("height")
+    init, mask = values.get("init"), values.get("mask")
+    if mask is not None and init is None:
         raise UsageError("a mask needs an init image")
     strength = values.get("strength")
     if strength is None:
-        strength = 1.0 if init_image is None else DEFAULTS.strength("inpaint" if mask_image else "img2img")
-    first = GenerationRequest(
+        strength = 1.0 if init is None else DEFAULTS.strength("inpaint" if mask else "img2img")
+    settings = dict(
         prompt=values["prompt"],
         negative=values.get("negative", ""),
-        width=default_size if size[0] is None else size[0],
-        height=default_size if size[1] is None else size[1],
         steps=values.get("steps", DEFAULTS.steps),
         cfg=float(values.get("cfg", DEFAULTS.cfg)),
         sampler=values.get("sampler", DEFAULTS.sampler),
         seed=first_seed,
         clip_skip=values.get("clip_skip", DEFAULTS.clip_skip),
-        init=init_image,
-        mask=mask_image,
         strength=float(strength),
-        mask_blur=values.get("mask_blur", 0) if mask_image else 0,
+        mask_blur=values.get("mask_blur", 0) if mask else 0,
     )
-    first.validate(family)
+    size = (default_size if width is None else width, default_size if height is None else height)
+    GenerationRequest(**settings, width=size[0], height=size[1]).validate(family)  # before reading any image
+    if init is None:
+        first = GenerationRequest(**settings, width=size[0], height=size[1])
+    else:
+        init_image, mask_image = load_inputs(
+            Path(init), Path(mask) if mask else None, (width, height), values.get("resize", DEFAULTS.resize),
+            settings["mask_blur"], values.get("invert_mask", DEFAULTS.invert_mask), warn,
+        )  # fmt: skip
+        first = GenerationRequest(
+            **settings, width=init_image.width, height=init_image.height, init=init_image, mask=mask_image
+        )
+        first.validate(family)
     return [first] + [replace(first, seed=first_seed + i) for i in range(1, n)]
 
 
