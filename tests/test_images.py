@@ -6,6 +6,7 @@ import io
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -396,3 +397,29 @@ def test_write_error_message_names_the_file(tmp_path):
     with pytest.raises(SdcliError, match="cannot write") as caught:
         save_png(_random_image(4, 4), blocker / "out.png", None)  # parent is a file
     assert "\n" not in str(caught.value)
+
+
+def test_an_animated_image_gives_its_first_frame_and_says_so(tmp_path):
+    path = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    heard = []
+    image = load_image(path, heard.append)
+    assert image.getpixel((0, 0)) == (255, 0, 0)
+    assert len(heard) == 1 and "animated (3 frames): using its first frame" in heard[0]
+
+
+def test_a_very_large_image_warns_in_one_line_and_a_decompression_bomb_is_an_image_error(tmp_path, monkeypatch):
+    # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; a small limit keeps the test cheap.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    large, bomb = tmp_path / "large.png", tmp_path / "bomb.png"
+    Image.new("RGB", (40, 40)).save(large)  # 1600 pixels: above the limit, below twice it
+    Image.new("RGB", (50, 50)).save(bomb)  # 2500 pixels
+    heard = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's own warning must not escape
+        assert load_image(large, heard.append).size == (40, 40)
+    assert len(heard) == 1 and "megapixels" in heard[0]
+    for loader in (load_image, load_mask, read_png_parameters):
+        with pytest.raises(ImageError, match="decompression bombs"):
+            loader(bomb)
