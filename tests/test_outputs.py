@@ -259,3 +259,9 @@ def test_a_huge_prompt_in_the_name_gives_a_legal_file_name(tiny_checkpoint, tmp_
                      "{prompt}")  # fmt: skip
     assert result.exit_code == 0, result.stderr[:300]
     assert len(Path(result.stdout.strip()).name.encode()) <= 255
+
+
+def test_seed_minus_one_on_the_command_line_is_random_too(tiny_checkpoint, tmp_path):
+    result = run_cli("txt2img", "x", "-m", tiny_checkpoint, *FAST, "--seed", -1, "--outdir", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["seed"] == int(result.stderr.split("seed: ")[1].split()[0])
