@@ -30,7 +30,8 @@ def stderr(message: str) -> None:
 
 def generate_command(command: str, opts: dict) -> int:
     """Run one generating command with its parsed options; returns the exit code."""
-    from sdcli.batch import Interrupted, Namer, Planned, Written, ensure_writable, job_requests, run
+    from sdcli.batch import Interrupted, Planned, Written, job_requests, run
+    from sdcli.outputs import Namer, ensure_writable
     from sdcli.request import DEFAULTS, is_random_seed, random_seed
     from sdcli.weights import short_hash
 

@@ -15,6 +15,7 @@ from sdcli.batch import job_requests
 from sdcli.errors import UsageError
 from sdcli.images import read_png_parameters, save_png
 from sdcli.infotext import parse_infotext
+from sdcli.outputs import check_name_template
 from sdcli.request import MAX_SEED
 
 FAST = ["--steps", "1", "-W", "64", "-H", "64"]
@@ -265,3 +266,14 @@ def test_seed_minus_one_on_the_command_line_is_random_too(tiny_checkpoint, tmp_p
     result = run_cli("txt2img", "x", "-m", tiny_checkpoint, *FAST, "--seed", -1, "--outdir", tmp_path, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["seed"] == int(result.stderr.split("seed: ")[1].split()[0])
+
+
+@pytest.mark.parametrize("template", ["{index:05d}-{seed}", "{prompt:.40}", "{cfg:.1f}", "{seed:>12}", "{date}_{time}"])
+def test_plain_format_specs_of_the_documented_fields_are_accepted(template):
+    check_name_template(template)
+
+
+@pytest.mark.parametrize("template", ["{prompt:.1000}", "{seed:0300d}", "{seed[0]}", "{}", "{0}", "{seed", "{x}"])
+def test_other_templates_are_refused_with_the_list_of_fields(template):
+    with pytest.raises(UsageError, match="fields: index, seed, prompt"):
+        check_name_template(template)
