@@ -1,24 +1,23 @@
-"""Runs: jobs expanded into requests, batched through one loaded model, and written as PNGs named by a
-template, atomically and never over an existing file (unless asked)."""
+"""Runs: jobs expanded into requests, batched through one loaded model, and written as PNGs atomically and
+never over an existing file (unless asked), reported in the order of the jobs. Names: `sdcli.outputs`."""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
 from PIL import Image
 
 from sdcli import __version__
 from sdcli.checkpoint import StableDiffusion
-from sdcli.errors import SdcliError, UsageError
+from sdcli.errors import ImageError, SdcliError, UsageError
 from sdcli.images import (
     ResizeMode,
     feather_mask,
-    format_infotext,
     load_image,
     load_mask,
     paste_unmasked,
@@ -27,15 +26,20 @@ from sdcli.images import (
     size_multiple_of_8,
     to_pil,
 )
+from sdcli.infotext import format_infotext
 from sdcli.jobs import Job
-from sdcli.pipeline import MAX_SEED, GenerationRequest, generate
+from sdcli.pipeline import generate
+from sdcli.request import DEFAULTS, MAX_SEED, MIN_SIDE, GenerationRequest
 from sdcli.sampler_names import resolve_sampler
 from sdcli.weights import short_hash
 
-DEFAULT_OUTDIR = Path("outputs")
-DEFAULT_NAME = "{index:05d}-{seed}"
-NAME_FIELDS = ("index", "seed", "prompt", "sampler", "steps", "cfg", "width", "height", "model", "date", "time")
-_LEADING_NUMBER = re.compile(r"^(\d+)-")
+if TYPE_CHECKING:
+    from sdcli.families import Family
+
+NAN_MESSAGE = (
+    "the model produced NaN/inf values, so the image would be black: the checkpoint's weights may be damaged, "
+    "or try --dtype fp32"
+)
 
 
 class Interrupted(Exception):
@@ -44,11 +48,13 @@ class Interrupted(Exception):
 
 @dataclass(frozen=True)
 class Planned:
-    """One image to make: its job, its request and where it goes."""
+    """One image to make: its job, its request, where it goes, and the settings it was made from (init and
+    mask paths, resize mode, ...: what the request holds only as pixels), for the record."""
 
     job: Job
     request: GenerationRequest
     target: Path
+    settings: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,70 +70,6 @@ class Failed:
     message: str
 
 
-def next_index(outdir: Path) -> int:
-    """The number after the highest `NNNNN-` prefix in `outdir`, so names keep counting across runs."""
-    if not outdir.is_dir():
-        return 0
-    numbers = [int(m.group(1)) for p in outdir.iterdir() if (m := _LEADING_NUMBER.match(p.name))]
-    return max(numbers, default=-1) + 1
-
-
-def slug(text: str) -> str:
-    """A prompt made safe as part of a file name: word characters kept, every other run of characters '-'."""
-    return re.sub(r"[^\w]+", "-", text, flags=re.UNICODE).strip("-_") or "untitled"
-
-
-def numbered(path: Path, number: int) -> Path:
-    return path.with_name(f"{path.stem}-{number:04d}{path.suffix}")
-
-
-class Namer:
-    """Target paths: `--output` (numbered when a run makes several images) or `--outdir` with a template.
-
-    Template fields: index (counting on from the highest number already in the folder), seed, prompt
-    (a file-name-safe slug), sampler, steps, cfg, width, height, model, date, time.
-    """
-
-    def __init__(self, output: Path | None, outdir: Path | None, template: str | None, model_name: str) -> None:
-        if output is not None and (outdir is not None or template is not None):
-            raise UsageError("give either --output or --outdir/--name, not both")
-        if output is not None and output.suffix.lower() != ".png":
-            raise UsageError(f"--output must name a .png file, got {output}")
-        self.output = output
-        self.outdir = outdir or DEFAULT_OUTDIR
-        self.template = template or DEFAULT_NAME
-        self.model_name = model_name
-        self.now = datetime.now()
-        self.start = next_index(self.outdir) if output is None else 0
-        self._render(0, GenerationRequest("prompt"))  # a bad template fails before anything runs
-
-    def _render(self, index: int, request: GenerationRequest) -> str:
-        fields = {
-            "index": index, "seed": request.seed, "prompt": slug(request.prompt),
-            "sampler": resolve_sampler(request.sampler).name, "steps": request.steps, "cfg": request.cfg,
-            "width": request.width, "height": request.height, "model": self.model_name,
-            "date": self.now.strftime("%Y-%m-%d"), "time": self.now.strftime("%H%M%S"),
-        }  # fmt: skip
-        try:
-            name = self.template.format(**fields)
-        except (KeyError, IndexError, ValueError) as e:
-            raise UsageError(f"bad --name template {self.template!r} ({e}); fields: {', '.join(NAME_FIELDS)}") from None
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
-            raise UsageError(f"--name {self.template!r} must give a plain file name, got {name!r}")
-        return name if name.lower().endswith(".png") else name + ".png"
-
-    def paths(self, requests: list[GenerationRequest], job_output: str | None, total: int, done: int) -> list[Path]:
-        """Targets for one job's images; `done` images of the run's `total` came before them."""
-        if job_output is not None:
-            base = Path(job_output)
-            return [base] if len(requests) == 1 else [numbered(base, i + 1) for i in range(len(requests))]
-        if self.output is not None:
-            if total == 1:
-                return [self.output]
-            return [numbered(self.output, done + i + 1) for i in range(len(requests))]
-        return [self.outdir / self._render(self.start + done + i, r) for i, r in enumerate(requests)]
-
-
 def load_inputs(
     init: Path,
     mask: Path | None,
@@ -140,18 +82,27 @@ def load_inputs(
     """The init image at the target size and, for inpainting, the feathered mask to match.
 
     Without a width and height the target is the init image's size rounded down to multiples of 8. A mask
-    of another size than the init image is resized to it first, with a warning.
+    of another size than the init image is resized to it first, with a warning. Raises ImageError for an
+    image too small to use without a size, UsageError for a size that is not positive.
     """
-    image = load_image(init)
+    image = load_image(init, warn)
     original_size = image.size
     width, height = size
     if width is None or height is None:
         w8, h8 = size_multiple_of_8(image.width, image.height)
-        width, height = width or w8, height or h8
+        width = w8 if width is None else width
+        height = h8 if height is None else height
+        if min(width, height) < MIN_SIDE:
+            raise ImageError(
+                f"the init image {init} is {image.width}x{image.height}, which gives {width}x{height}: "
+                f"images are at least {MIN_SIDE}x{MIN_SIDE}, so give --width and --height to scale it"
+            )
+    if width <= 0 or height <= 0:
+        raise UsageError(f"width and height must be multiples of 8 of at least {MIN_SIDE}, got {width}x{height}")
     image = resize_to(image, width, height, resize)
     if mask is None:
         return image, None
-    mask_image = load_mask(mask)
+    mask_image = load_mask(mask, warn)
     if mask_image.size != original_size:
         if warn is not None:
             warn(
@@ -163,46 +114,60 @@ def load_inputs(
     return image, feather_mask(mask_image, mask_blur, invert_mask)
 
 
-def job_requests(values: dict, first_seed: int, warn: Callable[[str], None] | None = None) -> list[GenerationRequest]:
+def job_requests(
+    values: dict,
+    first_seed: int,
+    warn: Callable[[str], None] | None = None,
+    *,
+    family: Family | None = None,
+    max_images: int = DEFAULTS.max_images,
+) -> list[GenerationRequest]:
     """The requests one job makes: `n` images with seeds first_seed, first_seed+1, ...; validated.
 
-    `values` holds every setting (the run's options with the job's own on top). Raises SdcliError.
+    `values` holds every setting (the run's options with the job's own on top); what none sets comes from
+    DEFAULTS, and the size from the model `family` (or the init image). Given the family, the request is
+    also checked against it (clip skip within its text encoder). Raises SdcliError.
     """
-    init_image = mask_image = None
-    size = (values.get("width"), values.get("height"))
-    if values.get("init") is not None:
-        init_image, mask_image = load_inputs(
-            Path(values["init"]), Path(values["mask"]) if values.get("mask") else None, size,
-            values.get("resize", "crop"), values.get("mask_blur", 0), values.get("invert_mask", False), warn,
-        )  # fmt: skip
-        size = init_image.size
-    elif values.get("mask") is not None:
-        raise UsageError("a mask needs an init image")
-    n = values.get("n", 1)
-    if n < 1:
-        raise UsageError(f"n must be 1 or more, got {n}")
+    n = values.get("n", DEFAULTS.n)
+    if not 1 <= n <= max_images:
+        raise UsageError(f"n must be between 1 and {max_images} (--max-images raises the limit), got {n}")
     if not 0 <= first_seed <= MAX_SEED - (n - 1):
-        raise UsageError(f"seed must be between 0 and {MAX_SEED - (n - 1)} for {n} images, got {first_seed}")
-    requests = [
-        GenerationRequest(
-            prompt=values["prompt"],
-            negative=values.get("negative", ""),
-            width=size[0] or 512,
-            height=size[1] or 512,
-            steps=values.get("steps", 20),
-            cfg=float(values.get("cfg", 7.5)),
-            sampler=values.get("sampler", "DPM++ 2M Karras"),
-            seed=first_seed + i,
-            clip_skip=values.get("clip_skip", 1),
-            init=init_image,
-            mask=mask_image,
-            strength=float(values.get("strength", 1.0)),
-            mask_blur=values.get("mask_blur", 0) if mask_image else 0,
+        raise UsageError(
+            f"seed must be between 0 and {MAX_SEED - (n - 1)} for {n} image{'s' if n != 1 else ''}, got {first_seed}"
+        )
+    default_size = family.default_size if family is not None else DEFAULTS.size
+    width, height = values.get("width"), values.get("height")
+    init, mask = values.get("init"), values.get("mask")
+    if mask is not None and init is None:
+        raise UsageError("a mask needs an init image")
+    strength = values.get("strength")
+    if strength is None:
+        strength = 1.0 if init is None else DEFAULTS.strength("inpaint" if mask else "img2img")
+    settings = dict(
+        prompt=values["prompt"],
+        negative=values.get("negative", ""),
+        steps=values.get("steps", DEFAULTS.steps),
+        cfg=float(values.get("cfg", DEFAULTS.cfg)),
+        sampler=values.get("sampler", DEFAULTS.sampler),
+        seed=first_seed,
+        clip_skip=values.get("clip_skip", DEFAULTS.clip_skip),
+        strength=float(strength),
+        mask_blur=values.get("mask_blur", 0) if mask else 0,
+    )
+    size = (default_size if width is None else width, default_size if height is None else height)
+    GenerationRequest(**settings, width=size[0], height=size[1]).validate(family)  # before reading any image
+    if init is None:
+        first = GenerationRequest(**settings, width=size[0], height=size[1])
+    else:
+        init_image, mask_image = load_inputs(
+            Path(init), Path(mask) if mask else None, (width, height), values.get("resize", DEFAULTS.resize),
+            settings["mask_blur"], values.get("invert_mask", DEFAULTS.invert_mask), warn,
         )  # fmt: skip
-        for i in range(n)
-    ]
-    requests[0].validate()
-    return requests
+        first = GenerationRequest(
+            **settings, width=init_image.width, height=init_image.height, init=init_image, mask=mask_image
+        )
+        first.validate(family)
+    return [first] + [replace(first, seed=first_seed + i) for i in range(1, n)]
 
 
 def infotext_parameters(request: GenerationRequest, model_hash: str, model_name: str) -> dict[str, object]:
@@ -226,52 +191,116 @@ def infotext_parameters(request: GenerationRequest, model_hash: str, model_name:
     return params
 
 
-def batches(planned: list[Planned], batch_size: int) -> Iterator[list[Planned]]:
+def batches(planned: list[Planned], batch_size: int) -> Iterator[list[tuple[int, Planned]]]:
     """Images that can share a UNet call (same size, steps, sampler, ...), in groups of at most `batch_size`,
-    in the order their kind first appears."""
-    groups: dict[tuple, list[Planned]] = {}
-    for item in planned:
-        groups.setdefault(item.request.batch_key(), []).append(item)
+    in the order their kind first appears; each image with its place in `planned`."""
+    groups: dict[tuple, list[tuple[int, Planned]]] = {}
+    for index, item in enumerate(planned):
+        groups.setdefault(item.request.batch_key(), []).append((index, item))
     for group in groups.values():
         for start in range(0, len(group), batch_size):
             yield group[start : start + batch_size]
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+def _failed(chunk: list[tuple[int, Planned]], message: str) -> dict[int, Failed | None]:
+    """One failure per job of a chunk, at the place of its first image; its other images report nothing."""
+    results: dict[int, Failed | None] = {}
+    seen: set[int] = set()
+    for index, item in chunk:
+        results[index] = None if id(item.job) in seen else Failed(item.job, message)
+        seen.add(id(item.job))
+    return results
 
 
 def run(
     model: StableDiffusion,
     planned: list[Planned],
     *,
-    batch_size: int = 1,
+    batch_size: int = DEFAULTS.batch_size,
     overwrite: bool = False,
     on_step: Callable[[dict], None] | None = None,
     should_stop: Callable[[], object] = lambda: False,
     vae_tiling: bool | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> Iterator[Written | Failed]:
-    """Generate and write every planned image; yields each one written, or each job that failed.
+    """Generate and write every planned image; yields each one written, or each job that failed, in the
+    order of `planned` (images are batched by settings, and held back until those before them are out).
 
-    For inpainting, the pixels outside the feathered mask are pasted back from the init image. An
-    `Interrupted` raised by `on_step` drops the batch in flight (nothing half-written) and propagates;
-    `should_stop` is asked before each batch.
+    For inpainting, the pixels outside the feathered mask are pasted back from the init image. An image
+    whose pixels are not finite fails with NAN_MESSAGE instead of being written black; running out of
+    memory fails the batch's jobs with advice. An `Interrupted` raised by `on_step` drops the batch in
+    flight (nothing half-written), reports what was written, and propagates; `should_stop` is asked before
+    each batch.
     """
     model_hash = short_hash(model.path)
-    for chunk in batches(planned, batch_size):
-        if should_stop():
-            return
-        started = time.monotonic()
-        try:
-            requests = [p.request for p in chunk]
-            images = to_pil(generate(model, requests, callback=on_step, vae_tiling=vae_tiling, warn=warn))
-        except SdcliError as e:
-            for job in dict.fromkeys(p.job for p in chunk):
-                yield Failed(job, str(e))
+    finished: dict[int, Written | Failed | None] = {}
+    reported = 0
+
+    def in_order() -> Iterator[Written | Failed]:
+        nonlocal reported
+        while reported in finished:
+            result = finished.pop(reported)
+            reported += 1
+            if result is not None:
+                yield result
+
+    def held_back() -> Iterator[Written | Failed]:
+        yield from (result for _, result in sorted(finished.items()) if result is not None)
+        finished.clear()
+
+    try:
+        for chunk in batches(planned, batch_size):
+            if should_stop():
+                break
+            finished.update(_make(model, chunk, model_hash, overwrite, on_step, vae_tiling, warn))
+            yield from in_order()
+    except Interrupted:
+        yield from held_back()
+        raise
+    yield from held_back()
+
+
+def _make(
+    model: StableDiffusion,
+    chunk: list[tuple[int, Planned]],
+    model_hash: str,
+    overwrite: bool,
+    on_step: Callable[[dict], None] | None,
+    vae_tiling: bool | None,
+    warn: Callable[[str], None] | None,
+) -> dict[int, Written | Failed | None]:
+    """Generate one batch and write its images; the result of each image, by its place in the plan."""
+    started = time.monotonic()
+    requests = [item.request for _, item in chunk]
+    try:
+        images = generate(model, requests, callback=on_step, vae_tiling=vae_tiling, warn=warn)
+    except SdcliError as e:
+        return _failed(chunk, str(e))
+    except (MemoryError, RuntimeError) as e:
+        if not _is_out_of_memory(e):
+            raise
+        first = requests[0]
+        return _failed(
+            chunk,
+            f"ran out of memory making {len(requests)} {first.width}x{first.height} image(s): try --vae-tiling, "
+            "--low-memory, a smaller --batch-size or a smaller size",
+        )
+    seconds = (time.monotonic() - started) / len(chunk)
+    finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
+    results: dict[int, Written | Failed | None] = {}
+    for (index, item), image, ok in zip(chunk, to_pil(images), finite, strict=True):
+        if not ok:
+            results.update(_failed([(index, item)], NAN_MESSAGE))
             continue
-        seconds = (time.monotonic() - started) / len(chunk)
-        for item, image in zip(chunk, images, strict=True):
-            request = item.request
-            if request.mask is not None:
-                image = paste_unmasked(image, request.init, request.mask)
-            text = format_infotext(
-                request.prompt, request.negative, infotext_parameters(request, model_hash, model.path.stem)
-            )
-            yield Written(item, save_png(image, item.target, text, overwrite=overwrite), seconds)
+        request = item.request
+        if request.mask is not None:
+            image = paste_unmasked(image, request.init, request.mask)
+        text = format_infotext(
+            request.prompt, request.negative, infotext_parameters(request, model_hash, model.path.stem)
+        )
+        results[index] = Written(item, save_png(image, item.target, text, overwrite=overwrite), seconds)
+    return results

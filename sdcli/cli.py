@@ -12,6 +12,7 @@ import typer
 
 from sdcli import __version__
 from sdcli.errors import SdcliError
+from sdcli.request import DEFAULTS
 
 EXAMPLES = """\
 Examples:
@@ -135,6 +136,7 @@ Name = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object per written image on stdout.")]
+MaxImages = Annotated[int, typer.Option(min=1, help="Refuse a run (or job) of more images than this.")]
 FailFast = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first bad prompt-file line or failed job.")]
 Resize = Annotated[
     Literal["crop", "fit", "stretch"],
@@ -152,18 +154,18 @@ def txt2img(
     model: Model = None,
     width: Width = None,
     height: Height = None,
-    steps: Steps = 20,
-    cfg: Cfg = 7.5,
-    sampler: Sampler = "DPM++ 2M Karras",
+    steps: Steps = DEFAULTS.steps,
+    cfg: Cfg = DEFAULTS.cfg,
+    sampler: Sampler = DEFAULTS.sampler,
     seed: Seed = None,
-    n: Count = 1,
-    batch_size: BatchSize = 1,
+    n: Count = DEFAULTS.n,
+    batch_size: BatchSize = DEFAULTS.batch_size,
     prompt_file: PromptFile = None,
     output: Output = None,
     outdir: Outdir = None,
     name: Name = None,
     overwrite: Overwrite = False,
-    clip_skip: ClipSkip = 1,
+    clip_skip: ClipSkip = DEFAULTS.clip_skip,
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
@@ -174,6 +176,7 @@ def txt2img(
     token: Token = None,
     as_json: Json = False,
     fail_fast: FailFast = False,
+    max_images: MaxImages = DEFAULTS.max_images,
     quiet: Quiet = False,
 ) -> None:
     """Generate images from a text prompt (or from each line of a prompt file)."""
@@ -186,24 +189,26 @@ def img2img(
     ctx: typer.Context,
     prompt: Prompt = None,
     init: Init = None,
-    strength: Annotated[float, typer.Option(help="How much to change: 0 keeps the image, 1 ignores it.")] = 0.75,
-    resize: Resize = "crop",
+    strength: Annotated[
+        float, typer.Option(help="How much to change: 0 keeps the image, 1 ignores it.")
+    ] = DEFAULTS.img2img_strength,
+    resize: Resize = DEFAULTS.resize,
     negative: Negative = "",
     model: Model = None,
     width: Width = None,
     height: Height = None,
-    steps: Steps = 20,
-    cfg: Cfg = 7.5,
-    sampler: Sampler = "DPM++ 2M Karras",
+    steps: Steps = DEFAULTS.steps,
+    cfg: Cfg = DEFAULTS.cfg,
+    sampler: Sampler = DEFAULTS.sampler,
     seed: Seed = None,
-    n: Count = 1,
-    batch_size: BatchSize = 1,
+    n: Count = DEFAULTS.n,
+    batch_size: BatchSize = DEFAULTS.batch_size,
     prompt_file: PromptFile = None,
     output: Output = None,
     outdir: Outdir = None,
     name: Name = None,
     overwrite: Overwrite = False,
-    clip_skip: ClipSkip = 1,
+    clip_skip: ClipSkip = DEFAULTS.clip_skip,
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
@@ -214,6 +219,7 @@ def img2img(
     token: Token = None,
     as_json: Json = False,
     fail_fast: FailFast = False,
+    max_images: MaxImages = DEFAULTS.max_images,
     quiet: Quiet = False,
 ) -> None:
     """Redraw an image guided by a prompt. Without --width/--height the size is the image's (rounded to 8)."""
@@ -227,26 +233,30 @@ def inpaint(
     prompt: Prompt = None,
     init: Init = None,
     mask: Annotated[Path | None, typer.Option("--mask", help="White (or opaque) = repaint, black = keep.")] = None,
-    strength: Annotated[float, typer.Option(help="How much to change inside the mask.")] = 1.0,
-    mask_blur: Annotated[int, typer.Option(min=0, help="Feather the mask edge by this many pixels.")] = 4,
-    invert_mask: Annotated[bool, typer.Option("--invert-mask", help="Repaint the black area instead.")] = False,
-    resize: Resize = "crop",
+    strength: Annotated[float, typer.Option(help="How much to change inside the mask.")] = DEFAULTS.inpaint_strength,
+    mask_blur: Annotated[
+        int, typer.Option(min=0, help="Feather the mask edge by this many pixels.")
+    ] = DEFAULTS.mask_blur,
+    invert_mask: Annotated[
+        bool, typer.Option("--invert-mask", help="Repaint the black area instead.")
+    ] = DEFAULTS.invert_mask,
+    resize: Resize = DEFAULTS.resize,
     negative: Negative = "",
     model: Model = None,
     width: Width = None,
     height: Height = None,
-    steps: Steps = 20,
-    cfg: Cfg = 7.5,
-    sampler: Sampler = "DPM++ 2M Karras",
+    steps: Steps = DEFAULTS.steps,
+    cfg: Cfg = DEFAULTS.cfg,
+    sampler: Sampler = DEFAULTS.sampler,
     seed: Seed = None,
-    n: Count = 1,
-    batch_size: BatchSize = 1,
+    n: Count = DEFAULTS.n,
+    batch_size: BatchSize = DEFAULTS.batch_size,
     prompt_file: PromptFile = None,
     output: Output = None,
     outdir: Outdir = None,
     name: Name = None,
     overwrite: Overwrite = False,
-    clip_skip: ClipSkip = 1,
+    clip_skip: ClipSkip = DEFAULTS.clip_skip,
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
@@ -257,6 +267,7 @@ def inpaint(
     token: Token = None,
     as_json: Json = False,
     fail_fast: FailFast = False,
+    max_images: MaxImages = DEFAULTS.max_images,
     quiet: Quiet = False,
 ) -> None:
     """Repaint the masked part of an image. Inpainting checkpoints (9-channel UNet) are used as such."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import signal
 import sys
 import threading
@@ -31,7 +30,9 @@ def stderr(message: str) -> None:
 
 def generate_command(command: str, opts: dict) -> int:
     """Run one generating command with its parsed options; returns the exit code."""
-    from sdcli.batch import Interrupted, Namer, Planned, Written, job_requests, run
+    from sdcli.batch import Interrupted, Planned, Written, job_requests, run
+    from sdcli.outputs import Namer, ensure_writable
+    from sdcli.request import DEFAULTS, is_random_seed, random_seed
     from sdcli.weights import short_hash
 
     quiet = opts["quiet"]
@@ -48,10 +49,25 @@ def generate_command(command: str, opts: dict) -> int:
         fail(f"{source.name} line {line_error.line}", line_error.message)
         if opts["fail_fast"]:
             return 1
+    # The model's family (read from the file's header, without loading it) gives the default size and
+    # the limits a request is checked against, so every job is checked before the weights load.
+    model_path = _model_path(opts, png, warn)
+    family = _family(model_path)
+    if family.is_inpainting and command != "inpaint":
+        raise UsageError(f"{model_path.name} is an inpainting model: use `sdcli inpaint` with --init and --mask")
+    namer = Namer(opts["output"], opts["outdir"], opts["name"], model_path.stem, overwrite=opts["overwrite"])
+    max_images = opts.get("max_images") or DEFAULTS.max_images
     defaults = {k: opts[k] for k in SETTINGS if opts.get(k) is not None}
-    run_seed = opts["seed"] if opts["seed"] is not None else secrets.randbelow(2**31)
+    run_seed = random_seed() if is_random_seed(opts["seed"]) else opts["seed"]
+    run_seed_used = False  # by a job without a seed of its own (or -1)
     accepted = []
     offset = 0
+
+    def job_failed(job, error: SdcliError) -> None:
+        if len(jobs) == 1 and job.line is None:
+            raise error  # a single command-line job: its error is the command's
+        fail(job.where(source.name), str(error))
+
     for job in jobs:
         values = {**defaults, **job.values}
         try:
@@ -59,31 +75,36 @@ def generate_command(command: str, opts: dict) -> int:
                 raise UsageError(f'{command} needs an init image: --init IMAGE (or "init" in the prompt file)')
             if command == "inpaint" and values.get("mask") is None:
                 raise UsageError('inpaint needs a mask: --mask MASK (or "mask" in the prompt file)')
-            requests = job_requests(values, job.values.get("seed", run_seed + offset), warn)
+            own_seed = job.values.get("seed")
+            first_seed = run_seed + offset if is_random_seed(own_seed) else own_seed
+            requests = job_requests(values, first_seed, warn, family=family, max_images=max_images)
         except SdcliError as e:
-            if len(jobs) == 1 and job.line is None:
-                raise  # a single command-line job: its error is the command's
-            fail(job.where(source.name), str(e))
+            job_failed(job, e)
             if opts["fail_fast"]:
                 return 1
             continue
+        run_seed_used |= is_random_seed(own_seed)
         offset += len(requests)
-        accepted.append((job, requests))
-    if not accepted:
-        return 1
+        if offset > max_images:
+            raise UsageError(f"this run would make more than {max_images} images: split it, or raise --max-images")
+        accepted.append((job, values, requests))
 
-    model_path = _model_path(opts, png, warn)
-    namer = Namer(opts["output"], opts["outdir"], opts["name"], model_path.stem)
-    total = sum(len(requests) for _, requests in accepted)
     planned: list[Planned] = []
-    for job, requests in accepted:
-        targets = namer.paths(requests, job.values.get("output"), total, len(planned))
-        planned += [Planned(job, r, t) for r, t in zip(requests, targets, strict=True)]
+    for job, values, requests in accepted:
+        try:
+            targets = namer.paths(requests, job.values.get("output"), offset, len(planned))
+        except SdcliError as e:
+            job_failed(job, e)
+            if opts["fail_fast"]:
+                return 1
+            continue
+        planned += [Planned(job, r, t, values) for r, t in zip(requests, targets, strict=True)]
+    if not planned:
+        return 1
+    ensure_writable(p.target.parent for p in planned)
     model = _load(model_path, opts, warn)
-    if model.family.is_inpainting and command != "inpaint":
-        raise UsageError(f"{model_path.name} is an inpainting model: use `sdcli inpaint` with --init and --mask")
     model_hash = short_hash(model_path)
-    if opts["seed"] is None and not quiet and not png:
+    if run_seed_used and is_random_seed(opts["seed"]) and not quiet:
         stderr(f"seed: {run_seed}")
 
     with _stop_on_signals() as stopped, _progress(sum(p.request.steps for p in planned), quiet) as advance:
@@ -158,14 +179,15 @@ def _read_text(path: Path) -> str:
 
 
 def _model_path(opts: dict, png, warn: Callable[[str], None]) -> Path:
-    """The model file: --model, else the model a --from-png image names, else the default."""
+    """The model file: --model, else the model a --from-png image names (in the weights folder only), else the
+    default."""
     from sdcli.download import resolve_model
-    from sdcli.weights import find_local_model, short_hash, weights_dir
+    from sdcli.weights import short_hash, weights_dir
 
     directory = weights_dir(opts["weights_dir"])
     name = opts["model"]
     if name is None and png is not None and png.model_name:
-        found = find_local_model(png.model_name, directory)
+        found = _model_in_folder(png.model_name, directory)
         if found is None:
             raise SdcliError(
                 f"{opts['from_png']} was made with the model '{png.model_name}', which is not in {directory}: "
@@ -175,6 +197,27 @@ def _model_path(opts: dict, png, warn: Callable[[str], None]) -> Path:
             warn(f"{found.name} is not the file the image was made with (hash {png.model_hash}): results will differ")
         return found
     return resolve_model(name, directory, offline=opts["offline"], token=opts["token"])
+
+
+def _model_in_folder(name: str, directory: Path) -> Path | None:
+    """The file called `name` (with or without .safetensors) directly in the weights folder, or None."""
+    from sdcli.weights import SUFFIX
+
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        return None
+    for candidate in (name, name + SUFFIX):
+        path = directory / candidate
+        if path.suffix == SUFFIX and path.is_file():
+            return path
+    return None
+
+
+def _family(path: Path):
+    """The model's family, from the file's header alone (no weights read)."""
+    from sdcli.families import detect
+    from sdcli.header import read_header
+
+    return detect({key: info.shape for key, info in read_header(path).items()})
 
 
 def _load(path: Path, opts: dict, warn: Callable[[str], None]):
@@ -193,18 +236,26 @@ def _load(path: Path, opts: dict, warn: Callable[[str], None]):
 
 
 def _record(result, model_name: str, model_hash: str) -> dict:
-    """The JSON object --json prints for one written image."""
+    """The JSON object --json prints for one written image: every setting that shapes the image."""
+    from sdcli.request import DEFAULTS
     from sdcli.sampler_names import resolve_sampler
 
     r = result.planned.request
+    settings = result.planned.settings
     record = {
         "path": str(result.path), "prompt": r.prompt, "negative": r.negative, "seed": r.seed, "steps": r.steps,
         "sampler": resolve_sampler(r.sampler).display_name, "cfg": r.cfg, "size": f"{r.width}x{r.height}",
-        "width": r.width, "height": r.height, "model": model_name, "model_hash": model_hash,
-        "seconds": round(result.seconds, 3),
+        "width": r.width, "height": r.height, "clip_skip": r.clip_skip, "model": model_name,
+        "model_hash": model_hash, "seconds": round(result.seconds, 3),
     }  # fmt: skip
     if r.init is not None:
-        record["strength"] = r.strength
+        record.update(
+            init=str(settings.get("init")), strength=r.strength, resize=settings.get("resize", DEFAULTS.resize)
+        )
+    if r.mask is not None:
+        record.update(
+            mask=str(settings.get("mask")), mask_blur=r.mask_blur, invert_mask=bool(settings.get("invert_mask"))
+        )
     if result.planned.job.line is not None:
         record["line"] = result.planned.job.line
     return record

@@ -1,5 +1,5 @@
 """Images in and out: PIL <-> tensors, loading inputs and masks, resizing, and atomic PNG writing with
-AUTOMATIC1111's ``parameters`` text chunk (its "infotext"), which most SD tools read and write.
+AUTOMATIC1111's ``parameters`` text chunk (its format lives in `sdcli.infotext`).
 
 torch and numpy are imported inside the functions that need them, so importing this module (and therefore
 ``sdcli --help``) stays fast.
@@ -8,10 +8,10 @@ torch and numpy are imported inside the functions that need them, so importing t
 from __future__ import annotations
 
 import errno
-import json
 import os
-import re
 import secrets
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -24,14 +24,6 @@ if TYPE_CHECKING:
 
 ResizeMode = Literal["crop", "fit", "stretch"]
 
-# Same pattern as A1111's modules/infotext_utils.py: a key (word char, then word chars, spaces, '-' or '/'),
-# a colon, then either a JSON-quoted string or anything up to the next comma.
-_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-_KEY_RE = re.compile(r"\w[\w \-/]+")
-_NEGATIVE_PREFIX = "Negative prompt:"
-# A1111 only treats the last line as the parameters line when the pattern matches at least this often,
-# so a prompt that happens to contain one "word: word" is not mistaken for parameters.
-_MIN_PARAMS_ON_LAST_LINE = 3
 _MAX_NAME_ATTEMPTS = 100_000
 
 
@@ -81,24 +73,50 @@ def from_pil(image: Image.Image) -> torch.Tensor:
 # Reading images and masks
 
 
-def _open_upright(path: Path | str, what: str) -> Image.Image:
-    """Open and fully decode an image file, with its EXIF orientation applied; ImageError if that fails."""
+def _open_upright(path: Path | str, what: str, warn: Callable[[str], None] | None = None) -> Image.Image:
+    """Open and fully decode an image file, with its EXIF orientation applied; ImageError if that fails.
+
+    An animated image (GIF, APNG, WebP) gives its first frame, with a warning. An image past Pillow's
+    decompression-bomb limit is refused, and one past its warning limit is decoded with our one-line
+    warning instead of Pillow's.
+    """
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{what} not found: {path}; check the path")
     if path.is_dir():
         raise ImageError(f"{what} is a directory, not an image: {path}; pass an image file such as a PNG or JPEG")
-    try:
-        with Image.open(path) as opened:
-            opened.load()  # decode now, so a truncated file fails here and not later in the pipeline
-            # Phone photos are stored sideways with an EXIF tag saying how to turn them; the model must see
-            # them the way a viewer shows them.
-            return ImageOps.exif_transpose(opened)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise ImageError(
-            f"cannot read {what} {path}: {reason}; pass an image file Pillow can read (PNG, JPEG, WebP, ...)"
-        ) from error
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as opened:
+                frames = getattr(opened, "n_frames", 1)
+                opened.seek(0)
+                opened.load()  # decode now, so a truncated file fails here and not later in the pipeline
+                # Phone photos are stored sideways with an EXIF tag saying how to turn them; the model must see
+                # them the way a viewer shows them.
+                image = ImageOps.exif_transpose(opened)
+        except Image.DecompressionBombError:
+            raise ImageError(_too_large(path, what)) from None
+        except (OSError, ValueError, SyntaxError, EOFError) as error:
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise ImageError(
+                f"cannot read {what} {path}: {reason}; pass an image file Pillow can read (PNG, JPEG, WebP, ...)"
+            ) from error
+    if warn is not None:
+        if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+            megapixels = image.width * image.height / 1e6
+            warn(f"{what} {path} is {megapixels:.0f} megapixels: decoding it takes a lot of memory")
+        if frames > 1:
+            warn(f"{what} {path} is animated ({frames} frames): using its first frame")
+    return image
+
+
+def _too_large(path: Path, what: str) -> str:
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6  # Pillow refuses images twice its warning limit
+    return (
+        f"{what} {path} has more than {limit:.0f} megapixels, more than sdcli decodes (a guard against "
+        "decompression bombs): scale it down first"
+    )
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -112,12 +130,13 @@ def _sixteen_bit_to_8(image: Image.Image) -> Image.Image:
     return image
 
 
-def load_image(path: Path | str) -> Image.Image:
+def load_image(path: Path | str, warn: Callable[[str], None] | None = None) -> Image.Image:
     """Load any image Pillow reads as RGB: EXIF orientation applied, transparent pixels composited on white.
 
     Raises ImageError, with a one-line message naming the file, when it is missing or not a readable image.
+    `warn` hears about animated and very large images.
     """
-    image = _sixteen_bit_to_8(_open_upright(path, "image"))
+    image = _sixteen_bit_to_8(_open_upright(path, "image", warn))
     if _has_alpha(image):
         # White, not black: transparent areas are usually "background", and A1111 flattens onto white too.
         rgba = image.convert("RGBA")
@@ -126,7 +145,7 @@ def load_image(path: Path | str) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_mask(path: Path | str) -> Image.Image:
+def load_mask(path: Path | str, warn: Callable[[str], None] | None = None) -> Image.Image:
     """Load an inpainting mask as an "L" image where 255 (white) means repaint and 0 means keep.
 
     As A1111's ``create_binary_mask``: a mask with an alpha channel that is not fully opaque uses the alpha
@@ -134,7 +153,7 @@ def load_mask(path: Path | str) -> Image.Image:
     luminance. An all-opaque alpha channel carries no information, so such a mask falls back to luminance.
     Values in between are kept; thresholding or blurring is the pipeline's choice.
     """
-    image = _sixteen_bit_to_8(_open_upright(path, "mask"))
+    image = _sixteen_bit_to_8(_open_upright(path, "mask", warn))
     if _has_alpha(image):
         alpha = image.convert("RGBA").getchannel("A")
         if alpha.getextrema() != (255, 255):
@@ -332,93 +351,20 @@ def read_png_parameters(path: Path | str) -> str | None:
     Raises ImageError when the file is missing or not an image.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path} is a folder: pass one image file")
     if not path.is_file():
         raise ImageError(f"image not found: {path}; check the path")
     try:
-        with Image.open(path) as image:
+        # Only the text is wanted: the size limit that guards decoding pixels does not apply.
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             # PNG ``text`` also reads text chunks stored after the image data; ``info`` covers other formats.
             text = getattr(image, "text", None) or image.info
             value = text.get("parameters")
+    except Image.DecompressionBombError:
+        raise ImageError(_too_large(path, "image")) from None
     except (OSError, ValueError, SyntaxError) as error:
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ImageError(f"cannot read image {path}: {reason}; pass a PNG written by sdcli or A1111") from error
     return None if value is None else str(value)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Infotext: A1111's "parameters" text
-
-
-def _quote(value: str) -> str:
-    """Quote a parameter value as A1111's ``quote()`` does: JSON (non-ASCII kept) when it contains a comma,
-    a newline or a colon. Also quoted here, where A1111 would lose or change the value when reading it back:
-    a value starting with a double quote (A1111 would unquote it), one with surrounding whitespace (the
-    parser strips it) and one containing a carriage return. A1111 reads all of these correctly."""
-    if any(c in value for c in ",:\n\r") or value.startswith('"') or value != value.strip():
-        return json.dumps(value, ensure_ascii=False)
-    return value
-
-
-def _unquote(value: str) -> str:
-    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
-        return value
-    try:
-        decoded = json.loads(value)
-    except ValueError:
-        return value  # as A1111: a value that only looks quoted is kept as written
-    return decoded if isinstance(decoded, str) else value
-
-
-def format_infotext(prompt: str, negative: str, params: dict[str, object]) -> str:
-    """Build A1111's infotext: the prompt (may span lines), ``Negative prompt: ...`` when ``negative`` is
-    non-empty, then one line ``Key: value, Key: value, ...`` in the dict's order.
-
-    Values are written with ``str()`` and quoted where needed (see ``_quote``); None values are left out, as
-    A1111 does. Keys must match A1111's key pattern (at least two characters: letters, digits, ``_``, space,
-    ``-``, ``/``, starting with a letter, digit or ``_``). A1111 only recognizes a last line with at least
-    three ``key: value`` pairs as parameters, so pass at least three.
-    """
-    pairs = []
-    for key, value in params.items():
-        if value is None:
-            continue
-        if not _KEY_RE.fullmatch(key) or key != key.strip():
-            raise ValueError(f"infotext key {key!r} does not match A1111's key pattern")
-        pairs.append(f"{key}: {_quote(str(value))}")
-    negative_line = f"\n{_NEGATIVE_PREFIX} {negative}" if negative else ""
-    # Same assembly (and final strip) as A1111's create_infotext.
-    return f"{prompt}{negative_line}\n{', '.join(pairs)}".strip()
-
-
-def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
-    """Split A1111 infotext into (prompt, negative prompt, parameters), as A1111's
-    ``parse_generation_parameters`` does.
-
-    The last line holds the parameters only when A1111's ``key: value`` pattern matches it at least three
-    times; otherwise it belongs to the prompt. Lines from the first ``Negative prompt:`` line up to the
-    parameters line are the negative prompt. Each prompt line is stripped, as A1111 does. Parameter values
-    are returned as strings, JSON-unquoted; unlike A1111 no defaults are added, ``Size`` is not split into
-    ``Size-1``/``Size-2``, and an empty value is kept as "" instead of being dropped.
-    """
-    *lines, last_line = text.strip().split("\n")
-    if len(_PARAM_RE.findall(last_line)) < _MIN_PARAMS_ON_LAST_LINE:
-        lines.append(last_line)
-        last_line = ""
-
-    prompt = ""
-    negative = ""
-    in_negative = False
-    for raw_line in lines:
-        line = raw_line.strip()
-        if line.startswith(_NEGATIVE_PREFIX):
-            in_negative = True
-            line = line[len(_NEGATIVE_PREFIX) :].strip()
-        # A1111 joins with "\n" only once the text is non-empty, so leading empty lines vanish; kept so that
-        # "Negative prompt:" alone on its line followed by the text parses as A1111 parses it.
-        if in_negative:
-            negative += ("\n" if negative else "") + line
-        else:
-            prompt += ("\n" if prompt else "") + line
-
-    params = {key: _unquote(value) for key, value in _PARAM_RE.findall(last_line)}
-    return prompt, negative, params

@@ -8,11 +8,13 @@ caller can report it and go on (or stop, with --fail-fast).
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 
 from sdcli.errors import ImageError, UsageError
-from sdcli.images import parse_infotext, read_png_parameters
+from sdcli.images import read_png_parameters
+from sdcli.infotext import parse_infotext
 
 # The fields a JSON Lines job may set, with the types JSON gives them.
 JOB_FIELDS: dict[str, tuple[type, ...]] = {
@@ -55,8 +57,10 @@ def parse_prompt_file(
     Plain text: one prompt per line, or a line of AUTOMATIC1111-style options (`--prompt "a cat" --steps
     30`, see A1111_OPTIONS). JSON Lines (when `jsonl`, or detected from a first line that starts
     with "{"): one object per line with "prompt" and any of JOB_FIELDS (and init, mask, strength when
-    `image_fields`). Blank lines and lines starting with "#" are skipped in both.
+    `image_fields`). Blank lines and lines starting with "#" are skipped in both; a UTF-8 byte order mark
+    (which some Windows editors write) is ignored. A seed of -1 means a random one, as in A1111.
     """
+    text = text.removeprefix("\ufeff")
     lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)]
     lines = [(number, line) for number, line in lines if line and not line.startswith("#")]
     if jsonl is None:
@@ -70,7 +74,7 @@ def parse_prompt_file(
             elif line.startswith("--"):
                 values = _options_job(line, allowed)
             else:
-                values = {"prompt": line}
+                values = {"prompt": _plain_prompt(line)}
             jobs.append(Job(values, number))
         except UsageError as e:
             errors.append(LineError(number, str(e)))
@@ -82,6 +86,27 @@ A1111_OPTIONS = {
     "prompt": "prompt", "negative_prompt": "negative", "seed": "seed", "steps": "steps", "cfg_scale": "cfg",
     "width": "width", "height": "height", "sampler_name": "sampler", "n_iter": "n",
 }  # fmt: skip
+
+
+# " --word" inside a plain line: an option typed after the prompt. Dashes not followed by a letter
+# ("a cat -- sketch", "---") stay part of the prompt.
+_OPTION_IN_PROMPT = re.compile(r"(?:^|\s)(--[A-Za-z][\w-]*)(?=\s|=|$)")
+
+
+def _plain_prompt(line: str) -> str:
+    """A plain line is the prompt, unless it carries options after the prompt, which would otherwise be drawn."""
+    if match := _OPTION_IN_PROMPT.search(line):
+        option = match.group(1)
+        if option.removeprefix("--") in A1111_OPTIONS:
+            raise UsageError(
+                f"{option} after a plain prompt: write the line as A1111 does, "
+                f'--prompt "..." {option} VALUE, or use JSON Lines'
+            )
+        raise UsageError(
+            f"unknown option {option!r} in the prompt; known: {', '.join('--' + k for k in A1111_OPTIONS)} "
+            '(to draw it as text, write the line as --prompt "...")'
+        )
+    return line
 
 
 def _options_job(line: str, allowed: dict[str, tuple[type, ...]]) -> dict[str, object]:
@@ -156,6 +181,8 @@ def job_from_png(path: str) -> PngJob:
             values["clip_skip"] = int(params["Clip skip"])
         if "Denoising strength" in params:
             values["strength"] = float(params["Denoising strength"])
+        if "Mask blur" in params:
+            values["mask_blur"] = int(params["Mask blur"])
     except ValueError as e:
         raise ImageError(f"{path}: unreadable generation parameters ({e})") from None
     if "Sampler" in params:
@@ -163,4 +190,13 @@ def job_from_png(path: str) -> PngJob:
         schedule = params.get("Schedule type", "")
         suffix = f" {schedule}" if schedule in ("Karras", "Exponential") else ""
         values["sampler"] = params["Sampler"] + suffix if not params["Sampler"].endswith(suffix) else params["Sampler"]
-    return PngJob(Job(values), params.get("Model"), params.get("Model hash"))
+    return PngJob(Job(values), plain_model_name(params.get("Model")), params.get("Model hash"))
+
+
+def plain_model_name(name: str | None) -> str | None:
+    """The file name a PNG's `Model` names, without any folders: a model named by an image is looked up in the
+    weights folder only, never opened from a path the image chose. None when nothing usable is left."""
+    if name is None:
+        return None
+    plain = re.split(r"[\\/]", name.strip())[-1]
+    return None if plain in ("", ".", "..") or plain.startswith("~") else plain

@@ -7,7 +7,7 @@ ancestral or SDE noise, so an image comes out the same alone or in a batch, on a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,58 +17,10 @@ from sdcli.checkpoint import StableDiffusion
 from sdcli.denoiser import DiscreteDenoiser, guided_unet
 from sdcli.errors import UsageError
 from sdcli.images import from_pil
-from sdcli.sampler_names import SamplerSpec, resolve_sampler
+from sdcli.request import GenerationRequest
+from sdcli.sampler_names import SamplerSpec
 from sdcli.schedules import alphas_cumprod_sd, ddim_timesteps, make_sigmas
 from sdcli.tiling import decode, encode
-
-MAX_SEED = 2**32 - 1
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One image to generate. Requests that share size, steps, cfg, sampler and mode can run as one batch.
-
-    `init` (img2img, inpaint) is an RGB image already at width x height; `mask` (inpaint) an "L" image of
-    the same size, feathered, where 255 means repaint. `strength` is the fraction of the schedule run.
-    """
-
-    prompt: str
-    negative: str = ""
-    width: int = 512
-    height: int = 512
-    steps: int = 20
-    cfg: float = 7.5
-    sampler: str = "DPM++ 2M Karras"
-    seed: int = 0
-    clip_skip: int = 1
-    init: Image.Image | None = field(default=None, compare=False)
-    mask: Image.Image | None = field(default=None, compare=False)
-    strength: float = 1.0
-    mask_blur: int = 0  # how the mask was feathered; recorded in the PNG's parameters
-
-    def validate(self) -> SamplerSpec:
-        """Check the numbers a user typed; return the resolved sampler. Raises UsageError."""
-        for name, value in (("width", self.width), ("height", self.height)):
-            if value < 64 or value % 8:
-                raise UsageError(f"{name} must be a multiple of 8 and at least 64, got {value}")
-        if not 1 <= self.steps <= 1000:
-            raise UsageError(f"steps must be between 1 and 1000, got {self.steps}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise UsageError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
-        if self.clip_skip < 1:
-            raise UsageError(f"clip skip must be 1 or more, got {self.clip_skip}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise UsageError(f"strength must be between 0 and 1, got {self.strength}")
-        for name, image in (("init image", self.init), ("mask", self.mask)):
-            if image is not None and image.size != (self.width, self.height):
-                raise ValueError(f"{name} is {image.size}, expected {(self.width, self.height)}")
-        return resolve_sampler(self.sampler)
-
-    def batch_key(self) -> tuple:
-        return (
-            self.width, self.height, self.steps, self.cfg, self.sampler.lower(), self.clip_skip,
-            self.init is None, self.mask is None, self.strength,
-        )  # fmt: skip
 
 
 def encode_prompts(model: StableDiffusion, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:

@@ -1,5 +1,4 @@
-"""sdcli.images: tensor <-> PIL parity with diffusers, image/mask loading, resizing, atomic PNG writing and
-A1111 infotext."""
+"""sdcli.images: tensor <-> PIL parity with diffusers, image/mask loading, resizing, atomic PNG writing."""
 
 from __future__ import annotations
 
@@ -7,6 +6,7 @@ import io
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +17,9 @@ from PIL import Image
 
 from sdcli.errors import ImageError, SdcliError
 from sdcli.images import (
-    format_infotext,
     from_pil,
     load_image,
     load_mask,
-    parse_infotext,
     read_png_parameters,
     resize_to,
     save_png,
@@ -401,148 +399,27 @@ def test_write_error_message_names_the_file(tmp_path):
     assert "\n" not in str(caught.value)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Infotext
-
-EXAMPLE_PARAMS = {
-    "Steps": 20,
-    "Sampler": "DPM++ 2M Karras",
-    "CFG scale": 7.5,
-    "Seed": 42,
-    "Size": "512x512",
-    "Model hash": "6ce0161689",
-    "Model": "v1-5-pruned-emaonly",
-    "Version": "sdcli 0.1.0",
-}
+def test_an_animated_image_gives_its_first_frame_and_says_so(tmp_path):
+    path = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    heard = []
+    image = load_image(path, heard.append)
+    assert image.getpixel((0, 0)) == (255, 0, 0)
+    assert len(heard) == 1 and "animated (3 frames): using its first frame" in heard[0]
 
 
-def test_format_infotext_layout():
-    text = format_infotext("a cat", "blurry, dog", EXAMPLE_PARAMS)
-    assert text == (
-        "a cat\n"
-        "Negative prompt: blurry, dog\n"
-        "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 6ce0161689, "
-        "Model: v1-5-pruned-emaonly, Version: sdcli 0.1.0"
-    )
-
-
-def test_format_infotext_omits_empty_negative_and_none_values():
-    text = format_infotext("a cat", "", {"Steps": 20, "Hires upscale": None, "Seed": 1, "Size": "8x8"})
-    assert text == "a cat\nSteps: 20, Seed: 1, Size: 8x8"
-
-
-def test_format_infotext_quotes_like_a1111():
-    # A1111's quote(): json.dumps(value, ensure_ascii=False) when the value contains ',', '\n' or ':';
-    # otherwise written as is, even with a quote inside.
-    text = format_infotext("p", "", {"Lora hashes": "detail: e3f9, add: 1a2b", "Note": 'say "hi"', "Ünï": "ü"})
-    assert text.split("\n")[-1] == 'Lora hashes: "detail: e3f9, add: 1a2b", Note: say "hi", Ünï: ü'
-
-
-def test_format_infotext_rejects_keys_a1111_cannot_read():
-    for key in ("A", "Steps:", " Steps", "Bad,key"):
-        with pytest.raises(ValueError, match="key"):
-            format_infotext("p", "", {key: 1, "Seed": 1, "Steps": 2})
-
-
-TRICKY_VALUES = [
-    "a, b",
-    "key: value",
-    'say "hi", then "bye"',
-    '"starts quoted"',
-    "ends with backslash \\",
-    'quote and colon ": x',
-    "two\nlines",
-    "  padded  ",
-    "猫, 🐱: ünïcödé",
-    "",
-    '[{"type":"lora","weight":0.6}]',
-]
-
-
-@pytest.mark.parametrize("value", TRICKY_VALUES)
-def test_infotext_round_trips_tricky_values(value):
-    params = {"Steps": "20", "Tricky": value, "Seed": "42", "Size": "512x512"}
-    assert parse_infotext(format_infotext("a cat", "a dog", params)) == ("a cat", "a dog", params)
-
-
-@pytest.mark.parametrize(
-    ("prompt", "negative"),
-    [
-        ("a cat", ""),
-        ("a cat,\nsitting: on a mat\n\nthird line", "blurry,\nugly"),
-        ("猫が桜の下に座っている, 🐱 ünïcödé", "ぼやけた"),
-        ("prompt: with colons, and commas, Steps: 3", "Negative: not a param, Seed: 9"),
-    ],
-)
-def test_infotext_round_trips_prompts(prompt, negative):
-    params = {"Steps": "20", "Sampler": "Euler a", "Seed": "1"}
-    assert parse_infotext(format_infotext(prompt, negative, params)) == (prompt, negative, params)
-
-
-def test_parse_infotext_without_parameters_line_is_all_prompt():
-    # Fewer than three "key: value" matches on the last line: A1111 keeps it in the prompt.
-    assert parse_infotext("a cat\nstyle: watercolor") == ("a cat\nstyle: watercolor", "", {})
-    assert parse_infotext("a cat\nNegative prompt: dog") == ("a cat", "dog", {})
-
-
-def test_parse_infotext_a1111_docstring_sample():
-    # Verbatim from the docstring of parse_generation_parameters in AUTOMATIC1111/stable-diffusion-webui,
-    # modules/infotext_utils.py (https://github.com/AUTOMATIC1111/stable-diffusion-webui).
-    text = (
-        "girl with an artist's beret, determined, blue eyes, desert scene, computer monitors, heavy makeup, "
-        "by Alphonse Mucha and Charlie Bowater, ((eyeshadow)), (coquettish), detailed, intricate\n"
-        "Negative prompt: ugly, fat, obese, chubby, (((deformed))), [blurry], bad anatomy, disfigured, "
-        "poorly drawn face, mutation, mutated, (extra_limb), (ugly), (poorly drawn hands), messy drawing\n"
-        "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 965400086, Size: 512x512, Model hash: 45dee52b"
-    )
-    prompt, negative, params = parse_infotext(text)
-    assert prompt.startswith("girl with an artist's beret,") and prompt.endswith("detailed, intricate")
-    assert negative.startswith("ugly, fat,") and negative.endswith("messy drawing")
-    assert params == {
-        "Steps": "20",
-        "Sampler": "Euler a",
-        "CFG scale": "7",
-        "Seed": "965400086",
-        "Size": "512x512",
-        "Model hash": "45dee52b",
-    }
-
-
-def test_parse_infotext_real_a1111_output_with_a_quoted_value():
-    # Verbatim A1111 v1.2.1 output (ControlNet extension value quoted by A1111's quote()), from the README of
-    # https://github.com/diggedypomme/KindleTimeMachine ("bees").
-    text = (
-        "bees\n"
-        "Negative prompt: blurry\n"
-        "Steps: 50, Sampler: Euler a, CFG scale: 7.5, Size: 600x800, Model hash: 6ce0161689, "
-        'Model: v1.5pruned_v1-5-pruned-emaonly, Version: v1.2.1, ControlNet 1: "preprocessor: scribble_pidinet, '
-        "model: control_scribble-fp16 [c508311e], weight: 1, starting/ending: (0, 1), resize mode: Crop and "
-        'Resize, pixel perfect: True, control mode: Balanced, preprocessor params: (512, 64, 64)"'
-    )
-    prompt, negative, params = parse_infotext(text)
-    assert (prompt, negative) == ("bees", "blurry")
-    assert params == {
-        "Steps": "50",
-        "Sampler": "Euler a",
-        "CFG scale": "7.5",
-        "Size": "600x800",
-        "Model hash": "6ce0161689",
-        "Model": "v1.5pruned_v1-5-pruned-emaonly",
-        "Version": "v1.2.1",
-        "ControlNet 1": "preprocessor: scribble_pidinet, model: control_scribble-fp16 [c508311e], weight: 1, "
-        "starting/ending: (0, 1), resize mode: Crop and Resize, pixel perfect: True, control mode: Balanced, "
-        "preprocessor params: (512, 64, 64)",
-    }
-
-
-def test_parse_infotext_negative_prompt_spans_lines_until_the_parameters():
-    text = "a\nb\nNegative prompt: c\nd\nSteps: 1, Seed: 2, Size: 8x8"
-    assert parse_infotext(text) == ("a\nb", "c\nd", {"Steps": "1", "Seed": "2", "Size": "8x8"})
-
-
-def test_infotext_survives_a_png_round_trip(tmp_path):
-    text = format_infotext("猫, a cat:\nsecond line", "blurry", {**EXAMPLE_PARAMS, "Lora hashes": "x: 1, y: 2"})
-    written = save_png(_random_image(8, 8), tmp_path / "info.png", text)
-    prompt, negative, params = parse_infotext(read_png_parameters(written) or "")
-    assert prompt == "猫, a cat:\nsecond line" and negative == "blurry"
-    assert params["Lora hashes"] == "x: 1, y: 2" and params["CFG scale"] == "7.5"
+def test_a_very_large_image_warns_in_one_line_and_a_decompression_bomb_is_an_image_error(tmp_path, monkeypatch):
+    # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; a small limit keeps the test cheap.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    large, bomb = tmp_path / "large.png", tmp_path / "bomb.png"
+    Image.new("RGB", (40, 40)).save(large)  # 1600 pixels: above the limit, below twice it
+    Image.new("RGB", (50, 50)).save(bomb)  # 2500 pixels
+    heard = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's own warning must not escape
+        assert load_image(large, heard.append).size == (40, 40)
+    assert len(heard) == 1 and "megapixels" in heard[0]
+    for loader in (load_image, load_mask, read_png_parameters):
+        with pytest.raises(ImageError, match="decompression bombs"):
+            loader(bomb)

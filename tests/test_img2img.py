@@ -108,7 +108,8 @@ def test_every_sampler_runs_img2img(tiny_checkpoint, init_png, tmp_path, sampler
 
 
 def test_size_defaults_to_the_init_image_rounded_down_to_8_and_strength_is_recorded(tiny_checkpoint, tmp_path):
-    from sdcli.images import parse_infotext, read_png_parameters
+    from sdcli.images import read_png_parameters
+    from sdcli.infotext import parse_infotext
 
     init = tmp_path / "odd.jpg"
     Image.new("RGB", (75, 70), (200, 30, 30)).save(init)

@@ -69,3 +69,46 @@ def test_png_without_parameters_is_a_clear_error(tmp_path):
     Image.new("RGB", (8, 8)).save(path)
     with pytest.raises(ImageError, match="no generation parameters"):
         job_from_png(path)
+
+
+def test_a_byte_order_mark_does_not_become_part_of_the_first_prompt():
+    jobs, errors = parse_prompt_file("\ufeffa cat\na dog\n")
+    assert errors == [] and jobs[0].values == {"prompt": "a cat"}
+    jobs, errors = parse_prompt_file('\ufeff{"prompt": "a cat"}\n')
+    assert errors == [] and jobs[0].values == {"prompt": "a cat"}
+
+
+def test_options_after_a_plain_prompt_are_an_error_naming_the_option():
+    jobs, errors = parse_prompt_file("a blue bird --bogus 3\na red bird --steps 30\n")
+    assert jobs == []
+    assert "unknown option '--bogus'" in errors[0].message
+    assert '--prompt "..." --steps VALUE' in errors[1].message
+
+
+@pytest.mark.parametrize("prompt", ["a cat -- digital art", "a--b", "a cat --- sketch", "ratio 1--2", "x - -y"])
+def test_dashes_that_are_not_options_stay_in_the_prompt(prompt):
+    jobs, errors = parse_prompt_file(prompt + "\n")
+    assert errors == [] and jobs[0].values == {"prompt": prompt}
+
+
+def test_a_seed_of_minus_one_is_read_as_is_from_every_source(tmp_path):
+    jobs, _ = parse_prompt_file('{"prompt": "a", "seed": -1}\n')
+    assert jobs[0].values["seed"] == -1
+    jobs, _ = parse_prompt_file('--prompt "a" --seed -1\n')
+    assert jobs[0].values["seed"] == -1
+    text = "a\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: -1, Size: 64x64, Model: tiny"
+    assert job_from_png(save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", text)).job.values["seed"] == -1
+
+
+@pytest.mark.parametrize(
+    ("model", "plain"),
+    [("tiny", "tiny"), ("/etc/x.safetensors", "x.safetensors"), ("../../x", "x"), ("C:\\m\\y", "y"), ("..", None)],
+)
+def test_a_pngs_model_is_reduced_to_a_plain_name(tmp_path, model, plain):
+    text = f"a\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model: {model}"
+    assert job_from_png(save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", text)).model_name == plain
+
+
+def test_a_folder_given_as_the_png_says_so(tmp_path):
+    with pytest.raises(ImageError, match="is a folder"):
+        job_from_png(tmp_path)

@@ -12,7 +12,8 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from sdcli.images import parse_infotext, read_png_parameters
+from sdcli.images import read_png_parameters
+from sdcli.infotext import parse_infotext
 
 FAST = ["--steps", "2", "-W", "64", "-H", "64"]
 
@@ -39,7 +40,7 @@ def test_jsonl_prompt_file_with_a_bad_line_and_json_output(tiny_checkpoint, tmp_
     prompts.write_text(
         '{"prompt": "a cat", "seed": 11, "n": 2, "sampler": "Euler a"}\n'
         '{"prompt": "broken",\n'
-        '{"prompt": "a dog", "negative": "blur", "cfg": 3, "steps": 3, "output": "%s"}\n' % (tmp_path / "dog.png")
+        '{"prompt": "a dog", "negative": "blur", "cfg": 3, "steps": 3, "output": "dog.png"}\n'
     )
     result = run_cli(
         "txt2img", "--prompt-file", prompts, "-m", tiny_checkpoint, *FAST, "--outdir", tmp_path / "o", "--json"
@@ -64,7 +65,7 @@ def test_jsonl_prompt_file_with_a_bad_line_and_json_output(tiny_checkpoint, tmp_
             "model_hash",
             "seconds",
         }
-    assert records[0]["sampler"] == "Euler a" and records[2]["path"] == str(tmp_path / "dog.png")
+    assert records[0]["sampler"] == "Euler a" and records[2]["path"] == str(tmp_path / "o" / "dog.png")
     assert records[2]["negative"] == "blur" and records[2]["cfg"] == 3.0 and records[2]["steps"] == 3
 
 

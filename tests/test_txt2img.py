@@ -15,7 +15,8 @@ from kdiffusion_ref import load as load_kdiffusion
 from PIL import Image
 from reference import reference_models_from_file, reference_pipeline, reference_tokenizer
 
-from sdcli.images import parse_infotext, read_png_parameters
+from sdcli.images import read_png_parameters
+from sdcli.infotext import parse_infotext
 
 PROMPT, NEGATIVE, SEED, STEPS, CFG, SIZE = "a photo of a cat", "blurry", 1234, 6, 5.0, 64
 

@@ -1,0 +1,130 @@
+"""What one image asks for: `GenerationRequest`, the defaults every entry point shares, and the limits.
+
+The command line, prompt files, `--from-png` and the Python API all build requests from `DEFAULTS` and
+check them with `GenerationRequest.validate`, so a number is accepted or refused the same way wherever
+it comes from. The size default belongs to the model family (`Family.default_size`), known once the
+checkpoint's header has been read.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sdcli.errors import UsageError
+
+if TYPE_CHECKING:  # kept out of the import, so the command line reads DEFAULTS without loading torch
+    from PIL import Image
+
+    from sdcli.families import Family
+    from sdcli.sampler_names import SamplerSpec
+
+MAX_SEED = 2**32 - 1
+RANDOM_SEED = -1  # as AUTOMATIC1111 and stable-diffusion.cpp: -1 asks for a random seed
+MIN_SIDE = 64
+# 4096x4096: beyond this a single image needs tens of GB for the UNet's attention and the VAE alone.
+MAX_PIXELS = 4096 * 4096
+MAX_STEPS = 1000
+MAX_CFG = 100.0  # real use stays below 30; larger values only burn the image out
+MAX_MASK_BLUR = 256
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The value of every setting nobody gave. The size is the model family's (`Family.default_size`)."""
+
+    sampler: str = "DPM++ 2M Karras"
+    steps: int = 20
+    cfg: float = 7.5
+    clip_skip: int = 1
+    n: int = 1
+    batch_size: int = 1
+    max_images: int = 10_000  # per job and per run; `--max-images` raises it
+    img2img_strength: float = 0.75
+    inpaint_strength: float = 1.0
+    mask_blur: int = 4
+    resize: str = "crop"
+    invert_mask: bool = False
+    size: int = 512  # SD 1.x; only where no model family is known (the Python API's dataclass default)
+
+    def strength(self, command: str) -> float:
+        """The default denoising strength of a command: img2img changes part of the image, inpaint all of
+        the masked area."""
+        return self.img2img_strength if command == "img2img" else self.inpaint_strength
+
+
+DEFAULTS = Defaults()
+
+
+def random_seed() -> int:
+    """A fresh random seed, small enough that seed + i stays valid for any number of images."""
+    return secrets.randbelow(2**31)
+
+
+def is_random_seed(seed: int | None) -> bool:
+    """True when `seed` asks for a random one: not given, or -1."""
+    return seed is None or seed == RANDOM_SEED
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image to generate. Requests that share size, steps, cfg, sampler and mode can run as one batch.
+
+    `init` (img2img, inpaint) is an RGB image already at width x height; `mask` (inpaint) an "L" image of
+    the same size, feathered, where 255 means repaint. `strength` is the fraction of the schedule run.
+    """
+
+    prompt: str
+    negative: str = ""
+    width: int = DEFAULTS.size
+    height: int = DEFAULTS.size
+    steps: int = DEFAULTS.steps
+    cfg: float = DEFAULTS.cfg
+    sampler: str = DEFAULTS.sampler
+    seed: int = 0
+    clip_skip: int = DEFAULTS.clip_skip
+    init: Image.Image | None = field(default=None, compare=False)
+    mask: Image.Image | None = field(default=None, compare=False)
+    strength: float = 1.0
+    mask_blur: int = 0  # how the mask was feathered; recorded in the PNG's parameters
+
+    def validate(self, family: Family | None = None) -> SamplerSpec:
+        """Check the numbers a user typed (and, given the model's `family`, that it can honour them); return
+        the resolved sampler. Raises UsageError."""
+        for name, value in (("width", self.width), ("height", self.height)):
+            if value < MIN_SIDE or value % 8:
+                raise UsageError(f"{name} must be a multiple of 8 and at least {MIN_SIDE}, got {value}")
+        if self.width * self.height > MAX_PIXELS:
+            raise UsageError(
+                f"{self.width}x{self.height} is {self.width * self.height / 1e6:.1f} megapixels, more than the "
+                f"{MAX_PIXELS / 1e6:.1f} (4096x4096) sdcli makes: choose a smaller size (large images also need "
+                "--vae-tiling, and --low-memory on a small GPU)"
+            )
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise UsageError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"seed must be between 0 and {MAX_SEED} (or -1 for a random one), got {self.seed}")
+        if not (math.isfinite(self.cfg) and 0.0 <= self.cfg <= MAX_CFG):
+            raise UsageError(f"cfg must be a number between 0 and {MAX_CFG:g}, got {self.cfg}")
+        if not (math.isfinite(self.strength) and 0.0 <= self.strength <= 1.0):
+            raise UsageError(f"strength must be between 0 and 1, got {self.strength}")
+        if not 0 <= self.mask_blur <= MAX_MASK_BLUR:
+            raise UsageError(f"mask blur must be between 0 and {MAX_MASK_BLUR} pixels, got {self.mask_blur}")
+        layers = family.clip.num_hidden_layers if family is not None else None
+        if self.clip_skip < 1 or (layers is not None and self.clip_skip > layers):
+            most = f" and at most {layers} (the text encoder's layer count)" if layers is not None else ""
+            raise UsageError(f"clip skip must be 1 or more{most}, got {self.clip_skip}")
+        for name, image in (("init image", self.init), ("mask", self.mask)):
+            if image is not None and image.size != (self.width, self.height):
+                raise ValueError(f"{name} is {image.size}, expected {(self.width, self.height)}")
+        from sdcli.sampler_names import resolve_sampler
+
+        return resolve_sampler(self.sampler)
+
+    def batch_key(self) -> tuple:
+        return (
+            self.width, self.height, self.steps, self.cfg, self.sampler.lower(), self.clip_skip,
+            self.init is None, self.mask is None, self.strength,
+        )  # fmt: skip
