@@ -33,6 +33,8 @@ def signal_name(signum: int) -> str:
 
 def stopped_message(signum: int, written: int, total: int, dropped: bool, batch_size: int = 1) -> str:
     """The last line of a run stopped by `signum`: what was written, and what happened to the rest."""
+    if written == total:  # the signal came while the last image was being decoded or written
+        return f"stopped by {signal_name(signum)}: all {total} images written"
     in_progress = "the images in progress were" if batch_size > 1 else "the image in progress was"
     rest = f"{in_progress} dropped, the rest not started" if dropped else "the rest were not started"
     return f"stopped by {signal_name(signum)}: {written} of {total} images written; {rest}"

@@ -191,3 +191,4 @@ def test_stop_messages_say_what_happened_to_each_image():
         "3 of 40 images written; the rest were not started"
     )
     assert "the images in progress were dropped" in stopped_message(signal.SIGINT, 2, 8, dropped=True, batch_size=2)
+    assert stopped_message(signal.SIGTERM, 2, 2, dropped=False) == "stopped by SIGTERM: all 2 images written"
