@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,6 +15,8 @@ import typer
 from sdcli import __version__
 from sdcli.errors import SdcliError
 from sdcli.request import DEFAULTS
+
+RANDOM_SEED = -1
 
 EXAMPLES = """\
 Examples:
@@ -33,7 +37,7 @@ app = typer.Typer(
     help="Stable Diffusion from the command line.",
     epilog=EXAMPLES,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -60,6 +64,70 @@ def reports_errors(command):
     return wrapper
 
 
+def _print_samplers(as_json: bool) -> None:
+    from sdcli.sampler_names import SAMPLERS
+
+    if not as_json:
+        typer.echo(f"{'name':<26} {'A1111 name':<26} {'schedule':<12} kind")
+    for spec in SAMPLERS.values():
+        if as_json:
+            record = {
+                "name": spec.name, "a1111_name": spec.display_name, "schedule": spec.schedule,
+                "stochastic": spec.stochastic, "calls_per_step": spec.calls_per_step, "kind": spec.description,
+            }  # fmt: skip
+            typer.echo(json.dumps(record))
+        else:
+            typer.echo(f"{spec.name:<26} {spec.display_name:<26} {spec.schedule:<12} {spec.description}")
+
+
+def _sampler_option(ctx: typer.Context, value: str) -> str:
+    """`--sampler list` prints the samplers and exits, as `sdcli samplers` does."""
+    if value is not None and value.strip().lower() == "list" and not ctx.resilient_parsing:
+        _print_samplers(as_json=False)
+        raise typer.Exit()
+    return value
+
+
+def _seed_option(value: int | None) -> int | None:
+    """-1 means a random seed, as in AUTOMATIC1111 and stable-diffusion.cpp."""
+    if value == RANDOM_SEED:
+        return None
+    if value is not None and value < 0:
+        raise typer.BadParameter(f"a seed is 0 or more, or {RANDOM_SEED} for a random one; got {value}")
+    return value
+
+
+def _complete_sampler(incomplete: str) -> list[tuple[str, str]]:
+    """Shell completion for --sampler: our names (no spaces to quote), with A1111's name as help."""
+    from sdcli.sampler_names import SAMPLERS
+
+    names = [(spec.name, spec.display_name) for spec in SAMPLERS.values()] + [("list", "print every sampler")]
+    return [(name, help_text) for name, help_text in names if name.startswith(incomplete.lower())]
+
+
+def _complete_model(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion for --model: the models in the weights folder by name, or .safetensors paths.
+
+    Runs on every Tab press, so it reads only a directory listing (no torch, no hashing) and never raises.
+    """
+    from sdcli.weights import SUFFIX, list_local_models, weights_dir
+
+    try:
+        if incomplete.startswith((".", "/", "~")) or os.sep in incomplete:
+            typed = Path(incomplete).expanduser()
+            folder, stem = (typed, "") if incomplete.endswith(os.sep) else (typed.parent, typed.name)
+            prefix = incomplete[: len(incomplete) - len(stem)]
+            return sorted(
+                prefix + p.name + (os.sep if p.is_dir() else "")
+                for p in folder.iterdir()
+                if p.name.startswith(stem) and (p.is_dir() or p.name.endswith(SUFFIX))
+            )
+        directory = weights_dir(ctx.params.get("weights_dir"))
+        return [p.stem for p in list_local_models(directory) if p.stem.startswith(incomplete)]
+    except Exception:  # noqa: BLE001 - a completion must never break the user's shell
+        return []
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"sdcli {__version__}")
@@ -77,21 +145,47 @@ def main_options(
 
 # Options shared by the generating commands.
 Prompt = Annotated[str | None, typer.Argument(help="What to draw.", show_default=False)]
-Negative = Annotated[str, typer.Option("--negative", "-n", help="What to steer away from.")]
+Negative = Annotated[str, typer.Option("--negative", "--negative-prompt", "-n", help="What to steer away from.")]
 Model = Annotated[
     str | None,
     typer.Option(
-        "--model", "-m", help="A .safetensors file, a downloaded model's name, or an alias to download (default sd15)."
+        "--model",
+        "-m",
+        help="A .safetensors file, a downloaded model's name, or an alias to download (default sd15).",
+        autocompletion=_complete_model,
     ),
 ]
-Width = Annotated[int | None, typer.Option("--width", "-W", help="Image width, a multiple of 8 [default: 512].")]
-Height = Annotated[int | None, typer.Option("--height", "-H", help="Image height, a multiple of 8 [default: 512].")]
+SIZE_DEFAULT = "[default: the model's size, 512 for SD 1.x; img2img/inpaint: the init image's size]"
+Width = Annotated[int | None, typer.Option("--width", "-W", help=f"Image width, a multiple of 8 {SIZE_DEFAULT}.")]
+Height = Annotated[int | None, typer.Option("--height", "-H", help=f"Image height, a multiple of 8 {SIZE_DEFAULT}.")]
 Steps = Annotated[int, typer.Option(help="Sampling steps.")]
-Cfg = Annotated[float, typer.Option(help="Classifier-free guidance scale; 1 disables guidance.")]
-Sampler = Annotated[str, typer.Option(help="Sampler, by our name or A1111's, e.g. 'Euler a', 'DDIM'.")]
-Seed = Annotated[int | None, typer.Option(help="Seed of the first image; image i uses seed+i. Default: random.")]
-Count = Annotated[int, typer.Option("--n", min=1, help="Number of images.")]
-BatchSize = Annotated[int, typer.Option(min=1, help="Images per UNet call.")]
+Cfg = Annotated[
+    float, typer.Option("--cfg", "--cfg-scale", help="Classifier-free guidance scale; 1 disables guidance.")
+]
+Sampler = Annotated[
+    str,
+    typer.Option(
+        "--sampler",
+        "--sampling-method",
+        help="Sampler, by our name or A1111's, e.g. 'Euler a', 'DDIM'; `sdcli samplers` (or --sampler list) "
+        "lists them all.",
+        callback=_sampler_option,
+        autocompletion=_complete_sampler,
+    ),
+]
+Seed = Annotated[
+    int | None,
+    typer.Option(
+        "--seed",
+        "-s",
+        help="Seed of the first image; image i uses seed+i. -1 or none: random (printed on stderr); "
+        "with --from-png, -1 draws a new seed instead of the PNG's.",
+        callback=_seed_option,
+        show_default=False,
+    ),
+]
+Count = Annotated[int, typer.Option("--n", "--batch-count", "-b", min=1, help="Number of images.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Images per UNet call (speed and memory; not the count).")]
 Output = Annotated[Path | None, typer.Option("--output", "-o", help="Output PNG file (numbered when --n > 1).")]
 Outdir = Annotated[Path | None, typer.Option(help="Output folder [default: ./outputs].")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing files instead of adding -1, -2...")]
@@ -114,7 +208,16 @@ VaeTiling = Annotated[
 Compile = Annotated[
     bool, typer.Option("--compile", help="torch.compile the UNet (slow first image; worth it for long batches).")
 ]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors on stderr.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors on stderr (no progress, no summary).")]
+ProgressMode = Annotated[
+    Literal["auto", "bar", "plain", "json", "none"],
+    typer.Option(
+        "--progress",
+        help="On stderr: bar (rich progress), plain (a line per image, and every few seconds while slow), json "
+        "(one JSON object per step and stage, for front-ends), none (only the final summary). auto: bar on a "
+        "terminal, else plain.",
+    ),
+]
 WeightsDir = Annotated[
     Path | None, typer.Option(help="Where models live [default: $SDCLI_WEIGHTS_DIR, else see `sdcli models`].")
 ]
@@ -178,6 +281,7 @@ def txt2img(
     fail_fast: FailFast = False,
     max_images: MaxImages = DEFAULTS.max_images,
     quiet: Quiet = False,
+    progress: ProgressMode = "auto",
 ) -> None:
     """Generate images from a text prompt (or from each line of a prompt file)."""
     _generate("txt2img", locals())
@@ -221,6 +325,7 @@ def img2img(
     fail_fast: FailFast = False,
     max_images: MaxImages = DEFAULTS.max_images,
     quiet: Quiet = False,
+    progress: ProgressMode = "auto",
 ) -> None:
     """Redraw an image guided by a prompt. Without --width/--height the size is the image's (rounded to 8)."""
     _generate("img2img", locals())
@@ -269,6 +374,7 @@ def inpaint(
     fail_fast: FailFast = False,
     max_images: MaxImages = DEFAULTS.max_images,
     quiet: Quiet = False,
+    progress: ProgressMode = "auto",
 ) -> None:
     """Repaint the masked part of an image. Inpainting checkpoints (9-channel UNet) are used as such."""
     _generate("inpaint", locals())
@@ -281,6 +387,10 @@ def _generate(command: str, opts: dict) -> None:
     ctx = opts.pop("ctx")
     # Which options were typed: with --from-png those override the PNG's values, the rest do not.
     opts["given"] = {name for name in opts if name in ctx.params and ctx.get_parameter_source(name).name != "DEFAULT"}
+    if opts.get("from_png") is not None and "seed" in opts["given"] and opts["seed"] is None:
+        opts["seed"] = secrets.randbelow(2**31)  # --seed -1 asks for a new seed, not the PNG's
+        if not opts["quiet"]:
+            _stderr(f"seed: {opts['seed']}")
     code = generate_command(command, opts)
     if code:
         raise typer.Exit(code)
@@ -359,6 +469,14 @@ def models(
             size = "?" if info["size"] is None else f"{info['size'] / 1e9:.2f} GB"
             line = f"{info['name']:<40} {info['family']:<12} {size:>9} {info['dtype']:<6} {info['hash'] or '-'}"
             typer.echo(line + (f"  ({info['error']})" if "error" in info else ""))
+
+
+@app.command()
+def samplers(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sampler on stdout.")] = False,
+) -> None:
+    """List the samplers: our name, AUTOMATIC1111's name, the schedule and what kind of sampler it is."""
+    _print_samplers(as_json)
 
 
 def main() -> None:

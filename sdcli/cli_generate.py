@@ -7,11 +7,8 @@ says what happened: 0 all written, 1 something failed, 128 + signal number when 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,10 +29,13 @@ def generate_command(command: str, opts: dict) -> int:
     """Run one generating command with its parsed options; returns the exit code."""
     from sdcli.batch import Interrupted, Planned, Written, job_requests, run
     from sdcli.outputs import Namer, ensure_writable
+    from sdcli.progress import progress_report
     from sdcli.request import DEFAULTS, is_random_seed, random_seed
+    from sdcli.signals import stop_on_signals, stopped_message
     from sdcli.weights import short_hash
 
     quiet = opts["quiet"]
+    report = progress_report(opts["progress"], quiet)
     warn = (lambda message: None) if quiet else (lambda message: stderr(f"warning: {message}"))
     jobs, source, png = _jobs(command, opts)
     failures = 0
@@ -102,18 +102,19 @@ def generate_command(command: str, opts: dict) -> int:
     if not planned:
         return 1
     ensure_writable(p.target.parent for p in planned)
-    model = _load(model_path, opts, warn)
+    with report.loading(model_path.name):
+        model = _load(model_path, opts, warn)
     model_hash = short_hash(model_path)
     if run_seed_used and is_random_seed(opts["seed"]) and not quiet:
         stderr(f"seed: {run_seed}")
 
-    with _stop_on_signals() as stopped, _progress(sum(p.request.steps for p in planned), quiet) as advance:
+    dropped = False
+    with stop_on_signals() as stopped, report.sampling(planned, opts["batch_size"]) as progress:
 
         def on_step(info: dict) -> None:
             if stopped():
                 raise Interrupted
-            if advance is not None:
-                advance(info)
+            progress.step(info)
 
         try:
             for result in run(model, planned, batch_size=opts["batch_size"], overwrite=opts["overwrite"],
@@ -123,13 +124,15 @@ def generate_command(command: str, opts: dict) -> int:
                     record = _record(result, model_path.stem, model_hash)
                     sys.stdout.write((json.dumps(record) if opts["json"] else str(result.path)) + "\n")
                     sys.stdout.flush()
+                    progress.written(result)
                 else:
                     fail(result.job.where(source.name), result.message)
         except Interrupted:
-            pass
-        if stopped():
-            stderr("stopped: images finished before the signal were written; the rest were not started")
-            return 128 + stopped()
+            dropped = True
+    report.summary()
+    if stopped():
+        stderr(stopped_message(stopped(), report.written_count, len(planned), dropped, opts["batch_size"]))
+        return 128 + stopped()
     return 1 if failures else 0
 
 
@@ -259,55 +262,3 @@ def _record(result, model_name: str, model_hash: str) -> dict:
     if result.planned.job.line is not None:
         record["line"] = result.planned.job.line
     return record
-
-
-@contextlib.contextmanager
-def _stop_on_signals():
-    """The first SIGINT or SIGTERM asks the run to stop after the image in hand; a second one stops at once.
-
-    Yields a function returning the signal number received, or 0.
-    """
-    received = 0
-
-    def handler(signum, _frame) -> None:
-        nonlocal received
-        if received:
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-            return
-        received = signum
-        stderr("stopping after the current image (send the signal again to stop at once)")
-
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: received
-        return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda: received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def _progress(total_steps: int, quiet: bool):
-    """A rich progress bar on stderr when it is a terminal; otherwise no progress output at all."""
-    if quiet or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (
-        TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-    )  # fmt: skip
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("sampling", total=total_steps, rate="")
-
-        def advance(_info: dict) -> None:
-            progress.advance(task)
-            speed = progress.tasks[task].speed
-            progress.update(task, rate=f"{speed:.2f} it/s" if speed else "")
-
-        yield advance

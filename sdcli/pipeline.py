@@ -211,6 +211,8 @@ def generate(
     conditioning = prepare_conditioning(model, requests, generators, vae_tiling)
     with model.use(model.unet):
         latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, conditioning, callback)
+    if callback is not None:
+        callback({"stage": "decode"})  # for progress, and a last chance to stop before the VAE's long pass
     return decode_latents(model, latents, vae_tiling, warn).cpu()
 
 

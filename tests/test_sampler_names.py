@@ -60,3 +60,51 @@ def test_unknown_sampler_is_usage_error_listing_valid_names():
     assert "'eular'" in message
     for name in ("euler", "euler_a", "dpmpp_2m_karras", "dpmpp_2m_sde_exponential", "ddim", "ddpm"):
         assert name in message
+
+
+def _run_counting(spec, seed: int, steps: int = 4):
+    """Run the sampler on a toy denoiser; return (model calls, result)."""
+    import torch
+
+    from sdcli.schedules import alphas_cumprod_sd, ddim_timesteps, sigmas_karras
+
+    calls = 0
+
+    def model(x, level):
+        nonlocal calls
+        calls += 1
+        return 0.3 * x
+
+    x = torch.ones(1, 1, 2, 2)
+    generator = torch.Generator().manual_seed(seed)
+    if spec.kind == "timestep":
+        result = spec.fn(model, x, ddim_timesteps(steps), alphas_cumprod_sd(), generator=generator)
+    else:
+        result = spec.fn(model, x, sigmas_karras(steps, 0.03, 14.6), generator=generator)
+    return calls, result
+
+
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if not n.endswith(("_karras", "_exponential"))])
+def test_calls_per_step_and_stochastic_describe_what_the_function_does(name):
+    spec = SAMPLERS[name]
+    calls, first = _run_counting(spec, seed=1)
+    # Two-call samplers take a single Euler step to sigma 0 at the end: steps * calls - (calls - 1).
+    assert calls == spec.calls_per_step * 4 - (spec.calls_per_step - 1)
+    _, other_seed = _run_counting(spec, seed=2)
+    assert (not first.equal(other_seed)) == spec.stochastic
+    assert ("stochastic" if spec.stochastic else "deterministic") in spec.description
+
+
+@pytest.mark.parametrize(
+    "spelling,name", [("dpm++2m", "dpmpp_2m"), ("dpm++2s_a", "dpmpp_2s_a"), ("euler_a", "euler_a")]
+)
+def test_stable_diffusion_cpp_names_resolve(spelling, name):
+    assert resolve_sampler(spelling) is SAMPLERS[name]
+
+
+def test_the_registry_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, sdcli.sampler_names as s; s.resolve_sampler('euler'); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
