@@ -104,7 +104,7 @@ class Report:
         """Around `sdcli.batch.run` over `planned`; yields self, whose `step` is the sampler's callback."""
         from sdcli.batch import batches
 
-        self._batches = list(batches(planned, batch_size))
+        self._batches = [[item for _, item in batch] for batch in batches(planned, batch_size)]
         order = [p for batch in self._batches for p in batch]
         self._number = {id(p): i + 1 for i, p in enumerate(order)}
         self.images = len(order)
