@@ -23,3 +23,7 @@ class DownloadError(SdcliError):
 
 class ImageError(SdcliError):
     """An input image or mask that cannot be read or used."""
+
+
+class LoraError(SdcliError):
+    """A LoRA file that cannot be read, is in a form we cannot apply, or does not fit the model."""
