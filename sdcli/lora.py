@@ -3,7 +3,8 @@
 Formats, told apart by their tensor names (one file may mix them):
 - kohya-ss sd-scripts / LyCORIS: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`
   (LoCon: a 3x3 down and a 1x1 up on convolutions; Tucker LoCon adds `.lora_mid.weight`); LoHa
-  `.hada_w1_a/_b`, `.hada_w2_a/_b`; LoKr `.lokr_w1` (or `_a/_b`), `.lokr_w2` (or `_a/_b`);
+  `.hada_w1_a/_b`, `.hada_w2_a/_b`; LoKr `.lokr_w1` (or `_a/_b`), `.lokr_w2` (or `_a/_b`); Tucker cores
+  `.hada_t1/_t2`, `.lokr_t2` on convolutions;
 - diffusers / PEFT: `unet.<module>.lora_A.weight`, `.lora_B.weight`, alpha from a `<module>.alpha`
   tensor or from PEFT's config in the file's `lora_adapter_metadata` (`lora_alpha`, `alpha_pattern`,
   `use_rslora`); scale 1 when the file gives none.
@@ -36,18 +37,15 @@ PARTS: dict[str, tuple[str | None, str]] = {
     "lora_mid.weight": ("lora", "mid"),
     "lora_A.weight": ("lora", "down"),
     "lora_B.weight": ("lora", "up"),
-    **{f"hada_{role}": ("loha", role) for role in ("w1_a", "w1_b", "w2_a", "w2_b")},
-    **{f"lokr_{role}": ("lokr", role) for role in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")},
+    **{f"hada_{role}": ("loha", role) for role in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+    **{f"lokr_{role}": ("lokr", role) for role in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
     "alpha": (None, "alpha"),
 }
 # Parts of forms whose merge we do not implement: refused by name rather than merged wrongly.
 UNSUPPORTED = {
     "dora_scale": "DoRA",
     "lora_magnitude_vector": "DoRA",
-    "hada_t1": "Tucker-decomposed LoHa",
-    "hada_t2": "Tucker-decomposed LoHa",
-    "lokr_t1": "Tucker-decomposed LoKr",
-    "lokr_t2": "Tucker-decomposed LoKr",
+    "lokr_t1": "LoKr with a Tucker-decomposed first factor",
 }
 # The factor sets each kind needs, any one of the alternatives per line.
 REQUIRED = {
@@ -83,47 +81,65 @@ class LoraModule:
         return 1.0 if self.alpha is None or rank is None else self.alpha / rank
 
     def delta_shape(self) -> tuple[int, int]:
-        """(out, in * kernel) of the change, or LoraError if the factors do not fit together."""
+        """(out, in * kernel) of the change; ValueError if the factors do not fit together."""
         s = {role: tuple(t.shape) for role, t in self.factors.items()}
-
-        def product(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, int]:
-            inner_a, inner_b = math.prod(a[1:]), b[0]
-            if inner_a != inner_b:
-                raise ValueError(f"{a} x {b}")
-            return a[0], math.prod(b[1:])
-
         if self.kind == "lora":
             if "mid" in s:  # up (o, r1, 1, 1) . mid (r1, r2, kh, kw) . down (r2, i, 1, 1)
                 up, mid, down = s["up"], s["mid"], s["down"]
                 if math.prod(up[1:]) != mid[0] or mid[1] != down[0] or math.prod(down[2:]) != 1:
                     raise ValueError(f"{up} x {mid} x {down}")
                 return up[0], down[1] * math.prod(mid[2:])
-            return product(s["up"], s["down"])
+            return _product_shape(s["up"], s["down"])
         if self.kind == "loha":
-            first, second = product(s["w1_a"], s["w1_b"]), product(s["w2_a"], s["w2_b"])
+            first, second = _factor_shape(s, "1"), _factor_shape(s, "2")
             if first != second:
                 raise ValueError(f"{first} vs {second}")
             return first
-        w1 = s["w1"][:2] if "w1" in s else product(s["w1_a"], s["w1_b"])
-        w2 = (s["w2"][0], math.prod(s["w2"][1:])) if "w2" in s else product(s["w2_a"], s["w2_b"])
+        w1 = s["w1"][:2] if "w1" in s else _factor_shape(s, "1")
+        w2 = (s["w2"][0], math.prod(s["w2"][1:])) if "w2" in s else _factor_shape(s, "2")
         return w1[0] * w2[0], w1[1] * w2[1]
 
     def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The change to the weight, (out, in * kernel) in fp32, scaled by alpha / rank."""
-        f = {role: t.to(device, torch.float32).flatten(1) for role, t in self.factors.items()}
+        f = {role: t.to(device, torch.float32) for role, t in self.factors.items()}
         if self.kind == "lora":
             if "mid" in f:  # Tucker LoCon: 1x1 down, kh x kw mid, 1x1 up composed into one kh x kw kernel
-                mid = self.factors["mid"].to(device, torch.float32)
-                delta = torch.einsum("or,rshw,si->oihw", f["up"], mid, f["down"]).flatten(1)
+                delta = torch.einsum("or,rshw,si->oihw", f["up"].flatten(1), f["mid"], f["down"].flatten(1))
             else:
-                delta = f["up"] @ f["down"]
+                delta = f["up"].flatten(1) @ f["down"].flatten(1)
         elif self.kind == "loha":
-            delta = (f["w1_a"] @ f["w1_b"]) * (f["w2_a"] @ f["w2_b"])  # Hadamard product of two low-rank products
+            delta = _factor(f, "1") * _factor(f, "2")  # Hadamard product of two low-rank matrices
         else:
-            w1 = f["w1"] if "w1" in f else f["w1_a"] @ f["w1_b"]
-            w2 = f["w2"] if "w2" in f else f["w2_a"] @ f["w2_b"]
-            delta = torch.kron(w1, w2)  # w2 flattened over (in, kh, kw): the same numbers as the 4-D kron
-        return delta * self.scale
+            w1 = f["w1"] if "w1" in f else _factor(f, "1")
+            w2 = f["w2"] if "w2" in f else _factor(f, "2")
+            delta = torch.kron(w1, w2.flatten(1))  # w2 flattened over (in, kh, kw): the 4-D kron's numbers
+        return delta.flatten(1) * self.scale
+
+
+def _product_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, int]:
+    if math.prod(a[1:]) != b[0]:
+        raise ValueError(f"{a} x {b}")
+    return a[0], math.prod(b[1:])
+
+
+def _factor_shape(s: Mapping[str, tuple[int, ...]], i: str) -> tuple[int, int]:
+    """Shape of LyCORIS factor `i` ("1" or "2"): w_a @ w_b, or with a Tucker core t (r, r, kh, kw), w_a and w_b
+    are (r, out) and (r, in)."""
+    a, b = s[f"w{i}_a"], s[f"w{i}_b"]
+    if f"t{i}" not in s:
+        return _product_shape(a, b)
+    t = s[f"t{i}"]
+    if t[:2] != (a[0], b[0]):
+        raise ValueError(f"core {t} with {a} and {b}")
+    return a[1], b[1] * math.prod(t[2:])
+
+
+def _factor(f: Mapping[str, torch.Tensor], i: str) -> torch.Tensor:
+    """LyCORIS factor `i`: w_a @ w_b (flattened over the kernel), or the Tucker form t x1 w_a x2 w_b."""
+    a, b = f[f"w{i}_a"], f[f"w{i}_b"]
+    if f"t{i}" in f:
+        return torch.einsum("ijkl,ip,jr->prkl", f[f"t{i}"], a, b).flatten(1)  # (out, in * kh * kw)
+    return a.flatten(1) @ b.flatten(1)
 
 
 @dataclass(frozen=True)
@@ -142,8 +158,8 @@ class LoadedLora:
 def load_lora(path: str | Path) -> LoadedLora:
     """Read a LoRA / LyCORIS .safetensors file and group its tensors by module.
 
-    Pickles (.pt, .ckpt, .bin) are refused as for checkpoints. Forms we cannot merge (DoRA, Tucker
-    LoHa/LoKr) and modules missing a factor are errors that name the tensors.
+    Pickles (.pt, .ckpt, .bin) are refused as for checkpoints. Forms we cannot merge (DoRA) and modules
+    missing a factor are errors that name the tensors.
     """
     from safetensors import safe_open
 

@@ -246,6 +246,9 @@ def peft_layer(config, weight):
         # Both Kronecker factors full: LyCORIS applies no alpha (diffusers' _bake_lokr_alpha_ too), peft always
         # divides by r, so alpha = r makes the two agree.
         ("lokr_w2", lambda: peft.LoKrConfig(r=64, alpha=64, target_modules=["0"])),
+        # Tucker cores on the 3x3 convolution (LyCORIS' use_tucker / peft's use_effective_conv2d).
+        ("hada_t1", lambda: peft.LoHaConfig(r=3, alpha=5, target_modules=["0"], use_effective_conv2d=True)),
+        ("lokr_t2", lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["0"], use_effective_conv2d=True)),
     ],
 )
 def test_lycoris_loha_and_lokr_merge_as_peft_layers_do(tiny_checkpoint, tmp_path, part, config):
@@ -353,7 +356,7 @@ def test_a_lora_for_another_family_is_a_one_line_error_naming_the_file(tiny_chec
             },
             "DoRA",
         ),  # noqa: E501
-        ({"m.hada_w1_a": torch.ones(4, 2), "m.hada_t1": torch.ones(2, 2, 3, 3)}, "Tucker-decomposed LoHa"),
+        ({"m.lokr_w1_a": torch.ones(4, 2), "m.lokr_t1": torch.ones(2, 2, 3, 3)}, "Tucker-decomposed first factor"),
         ({"m.lora_down.weight": torch.ones(2, 4)}, "missing tensors"),
         ({"m.lora_down.weight": torch.ones(2, 4), "m.lora_up.weight": torch.ones(4, 3)}, "do not fit"),
         ({"m.alpha": torch.ones(())}, "only an alpha"),
