@@ -174,7 +174,8 @@ def lora_targets(family: Family) -> tuple[LoraTarget, ...]:
     and `lora_te2_`/`text_encoder_2.` for the second, each with its own table.
     """
     return (
-        LoraTarget("unet", UNET_PREFIX, ("lora_unet_",), ("unet.",), unet_table(family.unet)),
+        # The oldest diffusers files name UNet modules without a prefix.
+        LoraTarget("unet", UNET_PREFIX, ("lora_unet_",), ("unet.", ""), unet_table(family.unet)),
         LoraTarget("te", CLIP_PREFIX, ("lora_te_",), ("text_encoder.",), clip_table()),
     )
 

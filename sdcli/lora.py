@@ -5,7 +5,8 @@ Formats, told apart by their tensor names (one file may mix them):
   (LoCon: a 3x3 down and a 1x1 up on convolutions; Tucker LoCon adds `.lora_mid.weight`); LoHa
   `.hada_w1_a/_b`, `.hada_w2_a/_b`; LoKr `.lokr_w1` (or `_a/_b`), `.lokr_w2` (or `_a/_b`); Tucker cores
   `.hada_t1/_t2`, `.lokr_t2` on convolutions;
-- diffusers / PEFT: `unet.<module>.lora_A.weight`, `.lora_B.weight`, alpha from a `<module>.alpha`
+- diffusers / PEFT: `unet.<module>.lora_A.weight`, `.lora_B.weight` (or diffusers' `.lora.down.weight`,
+  `.lora_linear_layer.down.weight`, `.processor.to_q_lora.down.weight`), alpha from a `<module>.alpha`
   tensor or from PEFT's config in the file's `lora_adapter_metadata` (`lora_alpha`, `alpha_pattern`,
   `use_rslora`); scale 1 when the file gives none.
 
@@ -37,10 +38,20 @@ PARTS: dict[str, tuple[str | None, str]] = {
     "lora_mid.weight": ("lora", "mid"),
     "lora_A.weight": ("lora", "down"),
     "lora_B.weight": ("lora", "up"),
+    "lora.down.weight": ("lora", "down"),  # diffusers' own spelling, as its training scripts save
+    "lora.up.weight": ("lora", "up"),
+    "lora_linear_layer.down.weight": ("lora", "down"),
+    "lora_linear_layer.up.weight": ("lora", "up"),
     **{f"hada_{role}": ("loha", role) for role in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
     **{f"lokr_{role}": ("lokr", role) for role in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
     "alpha": (None, "alpha"),
 }
+# diffusers' attention-processor files (2023) name the projection after the processor: renamed to the module.
+LEGACY_NAMES = (
+    (re.compile(r"\.processor\.to_(q|k|v)_lora\.(down|up)\.weight$"), r".to_\1.lora.\2.weight"),
+    (re.compile(r"\.processor\.to_out_lora\.(down|up)\.weight$"), r".to_out.0.lora.\1.weight"),
+    (re.compile(r"\.self_attn\.to_(q|k|v|out)_lora\.(down|up)\.weight$"), r".self_attn.\1_proj.lora.\2.weight"),
+)
 # Parts of forms whose merge we do not implement: refused by name rather than merged wrongly.
 UNSUPPORTED = {
     "dora_scale": "DoRA",
@@ -182,6 +193,8 @@ def load_lora(path: str | Path) -> LoadedLora:
     kinds: dict[str, set[str]] = {}
     unknown = []
     for key, tensor in tensors.items():
+        for pattern, replacement in LEGACY_NAMES:
+            key = pattern.sub(replacement, key)
         found = next(((key[: -len(s) - 1], s) for s in PARTS if key.endswith("." + s)), None)
         if found is None:
             unknown.append(key)

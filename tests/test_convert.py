@@ -89,7 +89,7 @@ def test_lora_aliases_give_every_full_size_module_distinct_kohya_and_diffusers_n
         by_key.setdefault(key, set()).add(alias)
     assert set(by_key) == set(weights)
     unet_spellings = {len(v) for k, v in by_key.items() if k.startswith(UNET_PREFIX)}
-    assert unet_spellings == {3}  # no two weights share a spelling
+    assert unet_spellings == {4}  # kohya in both layouts, diffusers' with and without `unet.`: none shared
     q = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
     assert aliases["lora_te_text_model_encoder_layers_0_self_attn_q_proj"][1] == q
     assert aliases["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"][1] == q
@@ -98,3 +98,4 @@ def test_lora_aliases_give_every_full_size_module_distinct_kohya_and_diffusers_n
     assert aliases["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"][1] == attn
     assert aliases["lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"][1] == attn
     assert aliases["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"][1] == attn
+    assert aliases["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"][1] == attn

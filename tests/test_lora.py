@@ -377,3 +377,44 @@ def test_peft_dora_metadata_is_refused(tmp_path):
     )
     with pytest.raises(LoraError, match="DoRA"):
         load_lora(path)
+
+
+def legacy_attention_processor_names(sd):
+    """diffusers' 2023 attention-processor layout: `attn1.processor.to_q_lora.down.weight`, no `unet.` prefix,
+    CLIP attention as `self_attn.to_q_lora`, other CLIP layers as `lora_linear_layer`."""
+    renamed = {}
+    for key, tensor in sd.items():
+        key = (
+            key.removeprefix("unet.")
+            .replace("lora_A.weight", "lora.down.weight")
+            .replace("lora_B.weight", "lora.up.weight")
+        )  # noqa: E501
+        key = re.sub(r"(attn[12])\.to_(q|k|v)\.lora\.", r"\1.processor.to_\2_lora.", key)
+        key = re.sub(r"(attn[12])\.to_out\.0\.lora\.", r"\1.processor.to_out_lora.", key)
+        key = re.sub(r"self_attn\.(q|k|v|out)_proj\.lora\.", r"self_attn.to_\1_lora.", key)
+        renamed[key.replace("mlp.fc1.lora.", "mlp.fc1.lora_linear_layer.")] = tensor
+    return renamed
+
+
+@pytest.mark.parametrize("layout", ["training_scripts", "attention_processors"])
+def test_older_diffusers_layouts_merge_as_the_same_lora_in_peft_layout(tiny_checkpoint, tmp_path, layout):
+    """diffusers 0.42 itself no longer loads these layouts' SD 1.x attention weights, so the reference is the
+    same tensors in the PEFT layout, fused by diffusers. Without PEFT's metadata no file has an alpha: scale 1."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+
+    peft_sd = load_file(write_peft_lora(tiny_checkpoint, tmp_path / "peft.safetensors", seed=8))
+    plain = write_tensors(tmp_path / "plain.safetensors", peft_sd)
+    if layout == "training_scripts":  # what diffusers' train_*_lora.py scripts save: `.lora.down.weight`
+        sd = convert_state_dict_to_diffusers(peft_sd)
+        assert any(k.endswith(".lora.down.weight") for k in sd)
+    else:
+        sd = legacy_attention_processor_names(peft_sd)
+        assert any(".processor.to_out_lora." in k for k in sd) and any(".to_q_lora." in k for k in sd)
+    path = write_tensors(tmp_path / f"{layout}.safetensors", sd)
+    ref_unet, ref_clip = fused_reference(tiny_checkpoint, [(str(plain), 0.9)])
+    lora = load_lora(path)
+    assert {m.alpha for m in lora.modules.values()} == {None}
+    patch = lora_patch([(lora, 0.9, 0.9)], TINY_SD1, shapes_of(tiny_checkpoint))
+    ours_unet, ours_clip = patched_state_dicts(tiny_checkpoint, patch)
+    assert_state_dicts_equal(ours_unet, ref_unet)
+    assert_state_dicts_equal(ours_clip, ref_clip)
