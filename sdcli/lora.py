@@ -58,11 +58,11 @@ UNSUPPORTED = {
     "lora_magnitude_vector": "DoRA",
     "lokr_t1": "LoKr with a Tucker-decomposed first factor",
 }
-# The factor sets each kind needs, any one of the alternatives per line.
+# The factors a complete module of each kind has: for each factor, one of its alternative tensor sets.
 REQUIRED = {
-    "lora": ({"down", "up"},),
-    "loha": ({"w1_a", "w1_b", "w2_a", "w2_b"},),
-    "lokr": ({"w1"}, {"w1_a", "w1_b"}),
+    "lora": (({"down", "up"},),),
+    "loha": (({"w1_a", "w1_b"},), ({"w2_a", "w2_b"},)),
+    "lokr": (({"w1"}, {"w1_a", "w1_b"}), ({"w2"}, {"w2_a", "w2_b"})),
 }
 SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 ADAPTER_METADATA = "lora_adapter_metadata"  # where diffusers stores PEFT's LoraConfig, per network prefix
@@ -175,10 +175,7 @@ def load_lora(path: str | Path) -> LoadedLora:
     from safetensors import safe_open
 
     path = Path(path)
-    header = read_header(path)
-    not_float = [k for k, info in header.items() if info.dtype not in ("F64", "F32", "F16", "BF16")]
-    if not_float:
-        raise LoraError(f"{path}: not a LoRA file (tensor '{not_float[0]}' is {header[not_float[0]].dtype})")
+    read_header(path)  # refuses pickles, non-safetensors and truncated files with the checkpoint messages
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -220,9 +217,7 @@ def load_lora(path: str | Path) -> LoadedLora:
 
 
 def _module(path: Path, module: str, kind: str, parts: dict, alpha: torch.Tensor | None, alphas) -> LoraModule:
-    if not any(required <= parts.keys() for required in REQUIRED[kind]) or (
-        kind == "lokr" and not ({"w2"} <= parts.keys() or {"w2_a", "w2_b"} <= parts.keys())
-    ):
+    if not all(any(option <= parts.keys() for option in factor) for factor in REQUIRED[kind]):
         raise LoraError(f"{path}: module '{module}' is missing tensors (has {', '.join(sorted(parts))})")
     lora = LoraModule(kind, parts, None if alpha is None else float(alpha.float().reshape(-1)[0]))
     if alpha is None and kind == "lora":

@@ -306,6 +306,20 @@ def test_patch_leaves_other_keys_untouched_and_keeps_the_dtype(tiny_checkpoint, 
     assert lora_patch([(load_lora(path), 1.0, 0.0)], TINY_SD1, shapes_of(tiny_checkpoint)).keys == set()
 
 
+def test_an_integer_alpha_scales_like_a_float_one(tiny_checkpoint, tmp_path):
+    key = UNET_PREFIX + "input_blocks.1.1.proj_in.weight"
+    w = load_file(tiny_checkpoint)[key]
+    down, up = torch.randn(2, 32, 1, 1), torch.randn(32, 2, 1, 1)
+    path = write_tensors(tmp_path / "int.safetensors", {
+        "lora_unet_input_blocks_1_1_proj_in.lora_down.weight": down,
+        "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": up,
+        "lora_unet_input_blocks_1_1_proj_in.alpha": torch.tensor(4),  # int64, as some converters write it
+    })  # fmt: skip
+    patch = lora_patch([(load_lora(path), 1.0, 1.0)], TINY_SD1, shapes_of(tiny_checkpoint))
+    expected = w + (4 / 2) * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+    torch.testing.assert_close(patch(key, w), expected)
+
+
 def test_pickle_loras_are_refused_as_pickle_checkpoints_are(tmp_path):
     path = tmp_path / "style.pt"
     path.write_bytes(b"\x80\x02")
@@ -358,6 +372,7 @@ def test_a_lora_for_another_family_is_a_one_line_error_naming_the_file(tiny_chec
         ),  # noqa: E501
         ({"m.lokr_w1_a": torch.ones(4, 2), "m.lokr_t1": torch.ones(2, 2, 3, 3)}, "Tucker-decomposed first factor"),
         ({"m.lora_down.weight": torch.ones(2, 4)}, "missing tensors"),
+        ({"m.lokr_w1": torch.ones(2, 2)}, "missing tensors"),
         ({"m.lora_down.weight": torch.ones(2, 4), "m.lora_up.weight": torch.ones(4, 3)}, "do not fit"),
         ({"m.alpha": torch.ones(())}, "only an alpha"),
         ({"token": torch.ones(2)}, "no LoRA tensors"),
