@@ -28,7 +28,7 @@ import torch
 
 from sdcli.convert import lora_aliases, lora_targets
 from sdcli.errors import LoraError
-from sdcli.families import Family
+from sdcli.families import Family, detect
 from sdcli.header import read_header
 
 # Tensor name ending -> (kind of module, the tensor's role in it).
@@ -322,3 +322,11 @@ def lora_patch(
             if weight:
                 terms.setdefault(key, []).append((module, weight))
     return LoraPatch(terms)
+
+
+def checkpoint_lora_patch(
+    checkpoint: str | Path, loras: Sequence[tuple[LoadedLora, float, float]], *, ignore_unknown: bool = False
+) -> LoraPatch:
+    """`lora_patch` for a checkpoint file: its family and shapes come from its header (no tensor is read)."""
+    shapes = {key: info.shape for key, info in read_header(checkpoint).items()}
+    return lora_patch(loras, detect(shapes), shapes, ignore_unknown=ignore_unknown)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from sdcli.errors import CheckpointError, LoraError
 from sdcli.families import CLIP_PREFIX, UNET_PREFIX
-from sdcli.lora import LoraModule, load_lora, lora_patch
+from sdcli.lora import LoraModule, checkpoint_lora_patch, load_lora, lora_patch
 
 peft = pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (a test extra)")
 
@@ -304,6 +304,8 @@ def test_patch_leaves_other_keys_untouched_and_keeps_the_dtype(tiny_checkpoint, 
     expected = w.half().float() + 0.5 * (up.half().float() @ down.half().float()).reshape(w.shape)  # no alpha: scale 1
     torch.testing.assert_close(merged, expected.half())
     assert lora_patch([(load_lora(path), 1.0, 0.0)], TINY_SD1, shapes_of(tiny_checkpoint)).keys == set()
+    from_file = checkpoint_lora_patch(tiny_checkpoint, [(load_lora(path), 0.0, 0.5)])
+    assert from_file.keys == {key} and torch.equal(from_file(key, w), patch(key, w))
 
 
 def test_an_integer_alpha_scales_like_a_float_one(tiny_checkpoint, tmp_path):
