@@ -14,10 +14,15 @@ lists every spelling of every weight of a checkpoint, so resolving a LoRA's modu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sdcli.families import CLIP_PREFIX, UNET_PREFIX, Family, UNetConfig, VAEConfig
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # Inside a UNet ResBlock: our name -> diffusers' ResnetBlock2D name.
 UNET_RESNET = {
@@ -205,3 +210,36 @@ def lora_aliases(targets: Iterable[LoraTarget], weight_keys: Iterable[str]) -> d
             for name in dotted:
                 aliases[prefix + name] = (target, key)
     return aliases
+
+
+# Attention names in diffusers' VAE files saved before diffusers 0.14.
+VAE_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def vae_from_diffusers(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """A diffusers-layout VAE state dict (AutoencoderKL) in our names and shapes, and the keys that map to nothing.
+
+    The level and res-block counts are read from the keys; the mid-block attention's Linear weights
+    become our 1x1 convolutions.
+    """
+
+    def count(pattern: str) -> int:
+        rx = re.compile(pattern)
+        return len({m.group(1) for k in state_dict if (m := rx.match(k))})
+
+    levels = count(r"encoder\.down_blocks\.(\d+)\.")
+    res_blocks = count(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+    table = vae_table(VAEConfig(ch_mult=(1,) * levels, num_res_blocks=res_blocks))
+    converted, unknown = {}, []
+    for key, tensor in state_dict.items():
+        parts = key.rsplit(".", 2)
+        if len(parts) == 3 and parts[1] in VAE_LEGACY_ATTENTION:
+            key = f"{parts[0]}.{VAE_LEGACY_ATTENTION[parts[1]]}.{parts[2]}"
+        ours = table.from_diffusers(key)
+        if ours is None:
+            unknown.append(key)
+            continue
+        if ".attn_1." in ours and ours.endswith(".weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # Linear (C, C) -> 1x1 convolution (C, C, 1, 1)
+        converted[ours] = tensor
+    return converted, unknown

@@ -5,12 +5,14 @@ of our tensors must land, by our table, on the diffusers parameter holding the s
 full-size SD 1.5 layout (meta device) the names and shapes must match one to one.
 """
 
+import re
+
 import pytest
 import torch
 from conftest import SD1, TINY_SD1, TINY_UNETS, TINY_VAES, randomize_
 from reference import reference_clip, reference_unet, reference_vae
 
-from sdcli.convert import clip_table, lora_aliases, lora_targets, unet_table, vae_table
+from sdcli.convert import clip_table, lora_aliases, lora_targets, unet_table, vae_from_diffusers, vae_table
 from sdcli.families import CLIP_PREFIX, UNET_PREFIX
 from sdcli.models.clip import ClipTextModel
 from sdcli.models.unet import UNetModel
@@ -99,3 +101,23 @@ def test_lora_aliases_give_every_full_size_module_distinct_kohya_and_diffusers_n
     assert aliases["lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"][1] == attn
     assert aliases["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"][1] == attn
     assert aliases["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"][1] == attn
+
+
+@pytest.mark.parametrize("name", sorted(TINY_VAES))
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_diffusers_vae_converts_back_to_our_state_dict(name, legacy):
+    ours = randomize_(AutoencoderKL(TINY_VAES[name]), seed=7).state_dict()
+    theirs = dict(reference_vae(ours, TINY_UNETS["a"], TINY_VAES[name]).state_dict())
+    if legacy:  # diffusers before 0.14 named the attention projections query/key/value/proj_attn
+        old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+        theirs = {
+            re.sub(r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f"attentions.0.{old[m.group(1)]}.", k): v
+            for k, v in theirs.items()
+        }  # noqa: E501
+        assert any(".proj_attn." in k for k in theirs)
+    theirs["encoder.extra.weight"] = torch.zeros(1)
+    converted, unknown = vae_from_diffusers(theirs)
+    assert unknown == ["encoder.extra.weight"]
+    assert converted.keys() == ours.keys()
+    for key, tensor in ours.items():
+        assert torch.equal(converted[key], tensor), key
