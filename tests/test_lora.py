@@ -22,7 +22,11 @@ from sdcli.errors import CheckpointError, LoraError
 from sdcli.families import CLIP_PREFIX, UNET_PREFIX
 from sdcli.lora import LoraModule, checkpoint_lora_patch, load_lora, lora_patch
 
-peft = pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (a test extra)")
+
+@pytest.fixture
+def peft():
+    """peft: diffusers' load_lora_weights needs it, and its LyCORIS layers are the LoHa/LoKr reference."""
+    return pytest.importorskip("peft", reason="peft (a test extra) is needed for diffusers' load_lora_weights")
 
 
 def reference_pipe(checkpoint):
@@ -97,7 +101,7 @@ def assert_state_dicts_equal(ours, ref):
         torch.testing.assert_close(ours[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_kohya_lora_with_locon_convs_equals_diffusers_fuse(tiny_checkpoint, tmp_path):
+def test_kohya_lora_with_locon_convs_equals_diffusers_fuse(peft, tiny_checkpoint, tmp_path):
     pipe = reference_pipe(tiny_checkpoint)
     path = write_kohya_lora(pipe, tmp_path / "style.safetensors", seed=1)
     ref_unet, ref_clip = fused_reference(tiny_checkpoint, [(path, 0.7)])
@@ -111,7 +115,7 @@ def test_kohya_lora_with_locon_convs_equals_diffusers_fuse(tiny_checkpoint, tmp_
     assert all(k.endswith(".weight") for k in patch.keys)
 
 
-def test_kohya_lora_in_the_original_layout_equals_diffusers_fuse(tiny_checkpoint, tmp_path):
+def test_kohya_lora_in_the_original_layout_equals_diffusers_fuse(peft, tiny_checkpoint, tmp_path):
     """SDXL-style kohya names (`lora_unet_input_blocks_1_1_...`): diffusers maps them with its own sgm code."""
     from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
 
@@ -138,6 +142,7 @@ def test_kohya_lora_in_the_original_layout_equals_diffusers_fuse(tiny_checkpoint
 
 def write_peft_lora(checkpoint, path, seed, transformers_names=True):
     """A diffusers/PEFT file as diffusers saves one: peft adapters with random factors, alpha in the metadata."""
+    import peft
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -167,7 +172,7 @@ def write_peft_lora(checkpoint, path, seed, transformers_names=True):
 
 
 @pytest.mark.parametrize("transformers_names", [False, True])
-def test_peft_lora_with_alpha_metadata_equals_diffusers_fuse(tiny_checkpoint, tmp_path, transformers_names):
+def test_peft_lora_with_alpha_metadata_equals_diffusers_fuse(peft, tiny_checkpoint, tmp_path, transformers_names):
     path = write_peft_lora(tiny_checkpoint, tmp_path / "peft.safetensors", 3, transformers_names)
     lora = load_lora(path)
     assert {m.alpha for name, m in lora.modules.items() if name.endswith("proj_in")} == {2.0}  # alpha_pattern
@@ -180,7 +185,7 @@ def test_peft_lora_with_alpha_metadata_equals_diffusers_fuse(tiny_checkpoint, tm
     assert len([k for k in patch.keys if k.startswith(CLIP_PREFIX)]) == 2 * 5  # 2 layers, 5 adapted Linear each
 
 
-def test_kohya_lora_with_alphas_differing_per_module_follows_the_formula(tiny_checkpoint, tmp_path):
+def test_kohya_lora_with_alphas_differing_per_module_follows_the_formula(peft, tiny_checkpoint, tmp_path):
     """W + w * (alpha / rank) * up @ down per module: alpha / rank is linear in up, so folding each module's alpha
     into its up matrix under one common alpha gives a file diffusers fuses exactly (it applies a file's most
     common alpha to some modules); ours must merge the per-module file to the same weights."""
@@ -200,7 +205,7 @@ def test_kohya_lora_with_alphas_differing_per_module_follows_the_formula(tiny_ch
     assert_state_dicts_equal(ours_clip, ref_clip)
 
 
-def test_two_stacked_loras_with_separate_network_weights_equal_diffusers(tiny_checkpoint, tmp_path):
+def test_two_stacked_loras_with_separate_network_weights_equal_diffusers(peft, tiny_checkpoint, tmp_path):
     kohya = write_kohya_lora(reference_pipe(tiny_checkpoint), tmp_path / "a.safetensors", seed=5, rank=3)
     peft_file = write_peft_lora(tiny_checkpoint, tmp_path / "b.safetensors", seed=6)
     ref_unet, ref_clip = fused_reference(
@@ -221,7 +226,7 @@ LYCORIS_TARGETS = {  # our key -> the kohya module name of the same weight (diff
 }
 
 
-def peft_layer(config, weight):
+def peft_layer(peft, config, weight):
     """A peft LyCORIS layer around a Linear/Conv2d holding `weight`, its factors drawn at random."""
     base = (
         torch.nn.Linear(weight.shape[1], weight.shape[0])
@@ -241,25 +246,25 @@ def peft_layer(config, weight):
 @pytest.mark.parametrize(
     "part, config",
     [
-        ("hada_w1_a", lambda: peft.LoHaConfig(r=3, alpha=5, target_modules=["0"])),
-        ("lokr_w2_b", lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["0"])),  # w1 full, w2 = w2_a @ w2_b
+        ("hada_w1_a", lambda peft: peft.LoHaConfig(r=3, alpha=5, target_modules=["0"])),
+        ("lokr_w2_b", lambda peft: peft.LoKrConfig(r=2, alpha=3, target_modules=["0"])),  # w1 full, w2 = w2_a @ w2_b
         # Both Kronecker factors full: LyCORIS applies no alpha (diffusers' _bake_lokr_alpha_ too), peft always
         # divides by r, so alpha = r makes the two agree.
-        ("lokr_w2", lambda: peft.LoKrConfig(r=64, alpha=64, target_modules=["0"])),
+        ("lokr_w2", lambda peft: peft.LoKrConfig(r=64, alpha=64, target_modules=["0"])),
         # Tucker cores on the 3x3 convolution (LyCORIS' use_tucker / peft's use_effective_conv2d).
-        ("hada_t1", lambda: peft.LoHaConfig(r=3, alpha=5, target_modules=["0"], use_effective_conv2d=True)),
-        ("lokr_t2", lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["0"], use_effective_conv2d=True)),
+        ("hada_t1", lambda peft: peft.LoHaConfig(r=3, alpha=5, target_modules=["0"], use_effective_conv2d=True)),
+        ("lokr_t2", lambda peft: peft.LoKrConfig(r=2, alpha=3, target_modules=["0"], use_effective_conv2d=True)),
     ],
 )
-def test_lycoris_loha_and_lokr_merge_as_peft_layers_do(tiny_checkpoint, tmp_path, part, config):
+def test_lycoris_loha_and_lokr_merge_as_peft_layers_do(peft, tiny_checkpoint, tmp_path, part, config):
     checkpoint = load_file(tiny_checkpoint)
     sd, expected = {}, {}
     for key, module in LYCORIS_TARGETS.items():
-        layer = peft_layer(config(), checkpoint[key])
+        layer = peft_layer(peft, config(peft), checkpoint[key])
         for name, p in layer.named_parameters():
             if name.startswith(("hada_", "lokr_")):
                 sd[f"{module}.{name.removesuffix('.default')}"] = p.detach().clone()
-        sd[f"{module}.alpha"] = torch.tensor(float(config().alpha))
+        sd[f"{module}.alpha"] = torch.tensor(float(config(peft).alpha))
         expected[key] = checkpoint[key] + 0.75 * layer.get_delta_weight("default").detach()
     assert any(k.endswith("." + part) for k in sd)
     save_file(sd, str(tmp_path / "lyco.safetensors"))
@@ -414,7 +419,7 @@ def legacy_attention_processor_names(sd):
 
 
 @pytest.mark.parametrize("layout", ["training_scripts", "attention_processors"])
-def test_older_diffusers_layouts_merge_as_the_same_lora_in_peft_layout(tiny_checkpoint, tmp_path, layout):
+def test_older_diffusers_layouts_merge_as_the_same_lora_in_peft_layout(peft, tiny_checkpoint, tmp_path, layout):
     """diffusers 0.42 itself no longer loads these layouts' SD 1.x attention weights, so the reference is the
     same tensors in the PEFT layout, fused by diffusers. Without PEFT's metadata no file has an alpha: scale 1."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
