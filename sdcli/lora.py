@@ -278,7 +278,8 @@ class LoraPatch:
         terms = self.terms.get(key)
         if not terms:
             return tensor
-        merged = tensor.to(torch.float32, copy=True)
+        # A contiguous fp32 copy: the file's tensor is never written to, whatever its dtype or layout.
+        merged = tensor.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         flat = merged.view(merged.shape[0], -1)
         for module, weight in terms:
             flat.add_(module.delta(merged.device), alpha=weight)

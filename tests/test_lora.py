@@ -327,6 +327,21 @@ def test_an_integer_alpha_scales_like_a_float_one(tiny_checkpoint, tmp_path):
     torch.testing.assert_close(patch(key, w), expected)
 
 
+def test_patch_copies_fp32_and_channels_last_weights_instead_of_writing_to_them(tiny_checkpoint, tmp_path):
+    key = UNET_PREFIX + "input_blocks.1.0.in_layers.2.weight"  # a 3x3 convolution
+    w = load_file(tiny_checkpoint)[key]
+    down, up = torch.randn(2, 32, 3, 3), torch.randn(32, 2, 1, 1)
+    path = write_tensors(tmp_path / "conv.safetensors", {
+        "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": down,
+        "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight": up,
+    })  # fmt: skip
+    patch = lora_patch([(load_lora(path), 1.0, 0.3)], TINY_SD1, shapes_of(tiny_checkpoint))
+    expected = w + 0.3 * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+    for tensor in (w.clone(), w.clone().to(memory_format=torch.channels_last)):
+        torch.testing.assert_close(patch(key, tensor), expected)
+        assert torch.equal(tensor, w)
+
+
 def test_pickle_loras_are_refused_as_pickle_checkpoints_are(tmp_path):
     path = tmp_path / "style.pt"
     path.write_bytes(b"\x80\x02")
