@@ -27,3 +27,7 @@ class ImageError(SdcliError):
 
 class WeightsDirError(SdcliError):
     """A weights folder that cannot be found (no home directory) or written (read-only, permissions)."""
+
+
+class LoraError(SdcliError):
+    """A LoRA file that cannot be read, is in a form we cannot apply, or does not fit the model."""
