@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from sdcli.errors import UsageError
-from sdcli.prompt_parser import BREAK, parse_prompt_attention
+from sdcli.prompt_parser import BREAK, parse_prompt_attention, prompt_schedule, prompt_schedules
 
 UP = 1.1  # wiki: "(word) - increase attention to word by a factor of 1.1"
 DOWN = 1 / 1.1  # wiki: "[word] - decrease attention to word by a factor of 1.1"
@@ -129,6 +129,138 @@ def test_break_inside_brackets_still_breaks_and_keeps_the_bracket_weight_on_both
 def test_weight_that_is_not_a_number_is_a_usage_error():
     with pytest.raises(UsageError, match=r"'1\.2\.3'.*\(word:1\.2\)"):
         parse_prompt_attention("(cat:1.2.3)")
+
+
+def _every_step(first: str, second: str, steps: int) -> list[tuple[int, str]]:
+    """An alternation of two options: one segment per step, odd steps the first option."""
+    return [(step, first if step % 2 else second) for step in range(1, steps + 1)]
+
+
+SCHEDULE_CASES_10_STEPS = [
+    # docstring (g = schedule of one prompt with 10 steps): g("test") == [[10, 'test']]
+    ("test", [(10, "test")]),
+    # docstring: g("a [b:3]") == [[3, 'a '], [10, 'a b']]: [to:when] adds `to` after step `when`.
+    ("a [b:3]", [(3, "a "), (10, "a b")]),
+    # docstring: g("a [b: 3]") == [[3, 'a '], [10, 'a b']]
+    ("a [b: 3]", [(3, "a "), (10, "a b")]),
+    # docstring: g("a [[[b]]:2]") == [[2, 'a '], [10, 'a [[b]]']]: emphasis is left for the attention parser.
+    ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
+    # docstring: g("[(a:2):3]") == [[3, ''], [10, '(a:2)']]
+    ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
+    # docstring: g("a [b : c : 1] d") == [[1, 'a b  d'], [10, 'a  c  d']]: spaces inside are kept.
+    ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
+    # docstring: g("a[b:[c:d:2]:1]e") == [[1, 'abe'], [2, 'ace'], [10, 'ade']]: nested edits.
+    ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
+    # docstring: g("a [unbalanced") == [[10, 'a [unbalanced']]
+    ("a [unbalanced", [(10, "a [unbalanced")]),
+    # docstring: g("a [b:.5] c") == [[5, 'a  c'], [10, 'a b c']]: a number with a '.' is a fraction of steps.
+    ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
+    # docstring: g("((a][:b:c [d:3]") == [[3, '((a][:b:c '], [10, '((a][:b:c d']]: stray brackets are text.
+    ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    # docstring: g("[a|(b:1.1)]") alternates 'a' and '(b:1.1)' on every one of the 10 steps.
+    ("[a|(b:1.1)]", _every_step("a", "(b:1.1)", 10)),
+    # docstring: g("[fe|]male") alternates 'female' and 'male': an option may be empty.
+    ("[fe|]male", _every_step("female", "male", 10)),
+    # docstring: g("[fe|||]male") == 'female' on steps 1, 5, 9 and 'male' on the others: four options.
+    ("[fe|||]male", [(step, "female" if step % 4 == 1 else "male") for step in range(1, 11)]),
+    # The same docstring lists g("a [{b|d{:.5] c") == [[5, 'a  c'], [10, 'a {b|d{ c']] with the remark "not
+    # handling this right now"; its grammar gives otherwise: '|' is only allowed between the options of an
+    # alternation, and "[{b|d{:.5]" is no alternation ("d{:.5" holds a ':'), so the prompt does not parse and
+    # A1111 uses it as written at every step. That is the rule tested here.
+    ("a [{b|d{:.5] c", [(10, "a [{b|d{:.5] c")]),
+    # rule: a '|' outside an alternation: no schedule, the prompt as written (A1111's fallback on a parse
+    # error), even where an edit would otherwise apply.
+    ("a | b [c:3]", [(10, "a | b [c:3]")]),
+    # rule: a trailing backslash escapes nothing: no parse, the prompt as written.
+    ("[c:3] d\\", [(10, "[c:3] d\\")]),
+    # rule: [from::when] removes `from` after step `when` (wiki: "[from::when] - removes from from the prompt
+    # after a fixed number of steps (when)").
+    ("a [b::4] c", [(4, "a b c"), (10, "a  c")]),
+    # rule: a step number at or past the last step never switches; 0 switches before the first step.
+    ("[a:b:10]", [(10, "a")]),
+    ("[a:b:25]", [(10, "a")]),
+    ("[a:b:0]", [(10, "b")]),
+    # rule: with a '.', 1.0 is the whole run (10 steps) and 0.55 is int(5.5) = step 5.
+    ("[a:b:1.0]", [(10, "a")]),
+    ("[a:b:0.55]", [(5, "a"), (10, "b")]),
+    # rule: [a] without ':' or '|' is emphasis, kept as text; [a:b] without a number is text too.
+    ("[a] [a:b]", [(10, "[a] [a:b]")]),
+    # rule: an alternation nested in an edit only shows while its side of the edit does.
+    (
+        "[[x|y]:z:3]",
+        [(1, "x"), (2, "y"), (3, "x"), (4, "z"), (5, "z"), (6, "z"), (7, "z"), (8, "z"), (9, "z"), (10, "z")],
+    ),
+]
+
+
+@pytest.mark.parametrize(("prompt", "expected"), SCHEDULE_CASES_10_STEPS)
+def test_prompt_schedule_matches_a1111_for_10_steps(prompt: str, expected: list[tuple[int, str]]):
+    assert prompt_schedule(prompt, 10) == expected
+
+
+def test_prompt_schedule_of_a1111s_documented_100_step_example():
+    # The comment at the top of A1111's prompt_parser.py (and the wiki's "Prompt editing" example): with 100
+    # steps this prompt goes through these five texts.
+    prompt = (
+        "fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6]"
+        "[ in background:0.25] [shoddy:masterful:0.5]"
+    )
+    assert prompt_schedule(prompt, 100) == [
+        (25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
+        (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),
+        (60, "fantasy landscape with a lake and an oak in foreground in background masterful"),
+        (75, "fantasy landscape with a lake and an oak in background masterful"),
+        (100, "fantasy landscape with a lake and a christmas tree in background masterful"),
+    ]
+
+
+def test_wiki_fantasy_to_cyberpunk_switches_after_step_16():
+    # wiki "Prompt editing": "a [fantasy:cyberpunk:16] landscape ... At start, the model will be drawing
+    # `a fantasy landscape`. After step 16, it will switch to drawing `a cyberpunk landscape`".
+    assert prompt_schedule("a [fantasy:cyberpunk:16] landscape", 30) == [
+        (16, "a fantasy landscape"),
+        (30, "a cyberpunk landscape"),
+    ]
+
+
+def test_wiki_cow_horse_alternates_every_step():
+    # wiki "Alternating Words": "[cow|horse] in a field. On step 1, prompt is "cow in a field." Step 2 is
+    # "horse in a field." Step 3 is "cow in a field" and so on."
+    assert prompt_schedule("[cow|horse] in a field", 4) == [
+        (1, "cow in a field"),
+        (2, "horse in a field"),
+        (3, "cow in a field"),
+        (4, "horse in a field"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "new_rule", "old_rule"),
+    [
+        # A1111's new rule (default): a '.' means a fraction, so 1.5 of 10 steps is past the end: no switch.
+        # Its old rule ("Old prompt editing timelines"): below 1 a fraction, else a step number: step 1.
+        ("[a:b:1.5]", [(10, "a")], [(1, "a"), (10, "b")]),
+        # 1.0: new, the whole run; old, step 1.
+        ("[a:b:1.0]", [(10, "a")], [(1, "a"), (10, "b")]),
+        # 0.3 is a fraction under both rules: int(0.3 * 10) = 3.
+        ("[a:b:0.3]", [(3, "a"), (10, "b")], [(3, "a"), (10, "b")]),
+        # 4 is a step under both.
+        ("[a:b:4]", [(4, "a"), (10, "b")], [(4, "a"), (10, "b")]),
+    ],
+)
+def test_old_scheduling_reads_numbers_at_least_1_as_steps(prompt: str, new_rule: list, old_rule: list):
+    assert prompt_schedule(prompt, 10) == new_rule
+    assert prompt_schedule(prompt, 10, old_scheduling=True) == old_rule
+
+
+def test_prompt_schedules_gives_one_schedule_per_prompt_in_order():
+    prompts = ["a [b:2]", "c", "a [b:2]"]
+    assert prompt_schedules(prompts, 4) == [[(2, "a "), (4, "a b")], [(4, "c")], [(2, "a "), (4, "a b")]]
+
+
+def test_prompt_schedule_needs_at_least_one_step():
+    with pytest.raises(ValueError, match="at least 1"):
+        prompt_schedule("a", 0)
 
 
 def test_importing_prompt_parser_does_not_import_torch():
