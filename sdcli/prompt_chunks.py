@@ -1,4 +1,4 @@
-"""Long prompts as AUTOMATIC1111 reads them: weighted tokens in chunks of 75.
+"""Long prompts as AUTOMATIC1111 reads them: weighted tokens in chunks of 75, and its "Original" emphasis.
 
 CLIP reads 77 tokens: a start token, 75 tokens, an end token. A longer prompt is cut into chunks of 75
 tokens that are encoded separately and whose contexts are concatenated (77 * k tokens), with A1111's rules
@@ -11,7 +11,7 @@ tokens that are encoded separately and whose contexts are concatenated (77 * k t
 - each chunk is `start, tokens..., end` then padding to 77, weight 1 outside the tokens; an empty prompt is
   one chunk.
 
-The module needs no torch except inside `chunk_tensors`.
+The module needs no torch except inside `apply_emphasis` and `chunk_tensors`.
 """
 
 from __future__ import annotations
@@ -193,3 +193,21 @@ def chunk_tensors(chunks: Sequence[PromptChunk], device: torch.device | str | No
     ids = torch.tensor([chunk.tokens for chunk in chunks], dtype=torch.long, device=device)
     weights = torch.tensor([chunk.weights for chunk in chunks], dtype=torch.float32, device=device)
     return ids, weights
+
+
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's "Original" emphasis: scale each token's embedding by its weight, then restore the mean.
+
+    `z` is the text encoder's output `(B, 77, D)` for one chunk, `weights` its `(B, 77)` token weights. The
+    mean is taken over the whole tensor, as A1111 does over the prompts it encodes together. The arithmetic
+    runs in at least float32 (A1111's weights are float32, which promotes half-precision outputs); the
+    result has `z`'s dtype.
+    """
+    import torch
+
+    compute_dtype = torch.promote_types(z.dtype, torch.float32)
+    z32 = z.to(compute_dtype)
+    original_mean = z32.mean()
+    weighted = z32 * weights.to(device=z.device, dtype=compute_dtype).unsqueeze(-1)  # (B, 77, D)
+    new_mean = weighted.mean()
+    return (weighted * (original_mean / new_mean)).to(z.dtype)

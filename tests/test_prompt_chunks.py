@@ -1,9 +1,10 @@
-"""Tests for sdcli.prompt_chunks (A1111's 75-token chunks, comma backtracking, BREAK, embeddings)
+"""Tests for sdcli.prompt_chunks (A1111's 75-token chunks, comma backtracking, BREAK, embeddings, emphasis)
 and the tokenizer hook it uses (`ClipTokenizer.token_ids`).
 
 Chunking is checked with a word-per-token fake tokenizer, so each expected row can be derived by hand from
 A1111's rules (its `tokenize_line` in modules/sd_hijack_clip.py, as the module docstring states them); the
-derivation is written beside each case.
+derivation is written beside each case. The emphasis formula is A1111's `EmphasisOriginal`, written out in
+the test.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sdcli.errors import UsageError
 from sdcli.prompt_chunks import (
     CHUNK_TOKENS,
     EmbeddingSlot,
+    apply_emphasis,
     chunk_prompt,
     chunk_tensors,
 )
@@ -264,3 +266,45 @@ def test_weighted_prompt_through_clip_tokenizer(clip_tokenizer: ClipTokenizer):
     (chunk,) = chunk_prompt(runs, clip_tokenizer.token_ids, pad_id=0)
     assert list(chunk.tokens[:8]) == [S, 320, 1125, 539, 320, 2368, E, 0]
     assert chunk.weights[:7] == (1.0, 1.0, 1.0, 1.0, 1.0, 1.2, 1.0)
+
+
+# --- "Original" emphasis ---------------------------------------------------------------------------------
+
+
+def original_emphasis_formula(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's EmphasisOriginal.after_transformers, written out:
+    original_mean = z.mean(); z = z * weights (broadcast over D); new_mean = z.mean(); z *= original_mean / new_mean
+    """
+    original_mean = z.mean()
+    z = z * weights.reshape(weights.shape + (1,)).expand(z.shape)
+    new_mean = z.mean()
+    return z * (original_mean / new_mean)
+
+
+def test_apply_emphasis_equals_a1111_formula():
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 77, 16, generator=generator) + 0.1
+    weights = torch.ones(2, 77)
+    weights[0, 3:6] = 1.21
+    weights[1, 10] = 0.5
+    torch.testing.assert_close(apply_emphasis(z, weights), original_emphasis_formula(z, weights), rtol=0, atol=0)
+
+
+def test_apply_emphasis_keeps_the_mean_and_is_identity_for_unit_weights():
+    z = torch.randn(1, 77, 8, generator=torch.Generator().manual_seed(1)) + 0.5
+    weights = torch.ones(1, 77)
+    torch.testing.assert_close(apply_emphasis(z, weights), z)
+    weights[0, 1:4] = 1.5
+    out = apply_emphasis(z, weights)
+    torch.testing.assert_close(out.mean(), z.mean())
+    # Only the ratio between weighted and unweighted tokens changes.
+    torch.testing.assert_close(out[0, 2] / out[0, 10], 1.5 * z[0, 2] / z[0, 10])
+
+
+def test_apply_emphasis_returns_the_input_dtype_computed_in_float32():
+    z = torch.randn(1, 77, 8, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16) + 0.5
+    weights = torch.ones(1, 77)
+    weights[0, 5] = 1.3
+    out = apply_emphasis(z, weights)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, original_emphasis_formula(z.float(), weights).to(torch.bfloat16))
