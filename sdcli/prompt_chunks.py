@@ -111,17 +111,25 @@ class _ChunkBuilder:
             self.close_chunk()
 
 
-def _embedding_matchers(embeddings: Mapping[str, int], tokenize: Tokenize) -> dict[int, list[tuple[tuple, str]]]:
-    """First token id -> [(token ids of the name, name)], longest first, for each way to write each name."""
-    names = [name for name in embeddings for _ in (0, 1)]
-    texts = [text for name in embeddings for text in (name, EMBEDDING_PREFIX + name)]
-    matchers: dict[int, list[tuple[tuple, str]]] = {}
-    for name, ids in zip(names, tokenize(texts), strict=True):
-        if ids:
-            matchers.setdefault(ids[0], []).append((tuple(ids), name))
-    for candidates in matchers.values():
-        candidates.sort(key=lambda candidate: len(candidate[0]), reverse=True)
-    return matchers
+class _EmbeddingNames:
+    """Finds embedding names in token ids, A1111's way: the longest name whose tokens start at a position."""
+
+    def __init__(self, embeddings: Mapping[str, int], tokenize: Tokenize) -> None:
+        self.vectors = dict(embeddings)
+        spellings = [(name, text) for name in embeddings for text in (name, EMBEDDING_PREFIX + name)]
+        self._by_first_id: dict[int, list[tuple[tuple[int, ...], str]]] = {}
+        for (name, _), ids in zip(spellings, tokenize([text for _, text in spellings]), strict=True):
+            if ids:
+                self._by_first_id.setdefault(ids[0], []).append((tuple(ids), name))
+        for candidates in self._by_first_id.values():
+            candidates.sort(key=lambda candidate: len(candidate[0]), reverse=True)
+
+    def at(self, ids: Sequence[int], position: int) -> tuple[str, int] | None:
+        """The embedding named at `position` and how many token ids its name takes, or None."""
+        for name_ids, name in self._by_first_id.get(ids[position], ()):
+            if tuple(ids[position : position + len(name_ids)]) == name_ids:
+                return name, len(name_ids)
+        return None
 
 
 def chunk_prompt(
@@ -145,14 +153,10 @@ def chunk_prompt(
 
     Raises UsageError when the prompt has more than `max_tokens` tokens or an embedding more than 75 vectors.
     """
-    matchers = _embedding_matchers(embeddings, tokenize) if embeddings else {}
-    if embeddings:
-        too_wide = [name for name, vectors in embeddings.items() if vectors > CHUNK_TOKENS]
-        if too_wide:
-            raise UsageError(
-                f"embedding {too_wide[0]!r} has {embeddings[too_wide[0]]} vectors; at most {CHUNK_TOKENS} fit in "
-                "a prompt chunk"
-            )
+    for name, vectors in (embeddings or {}).items():
+        if vectors > CHUNK_TOKENS:
+            raise UsageError(f"embedding {name!r} has {vectors} vectors; at most {CHUNK_TOKENS} fit in a prompt chunk")
+    names = _EmbeddingNames(embeddings, tokenize) if embeddings else None
     builder = _ChunkBuilder(start_id, end_id, pad_id, comma_id)
     for (text, weight), ids in zip(runs, tokenize([text for text, _ in runs]), strict=True):
         if (text, weight) == BREAK:
@@ -160,20 +164,14 @@ def chunk_prompt(
             continue
         position = 0
         while position < len(ids):
-            match = next(
-                (
-                    (name_ids, name)
-                    for name_ids, name in matchers.get(ids[position], ())
-                    if tuple(ids[position : position + len(name_ids)]) == name_ids
-                ),
-                None,
-            )
-            if match is None:
+            found = names.at(ids, position) if names else None
+            if found is None:
                 builder.add_token(ids[position], weight)
                 position += 1
             else:
-                builder.add_embedding(match[1], embeddings[match[1]], weight)
-                position += len(match[0])
+                name, name_length = found
+                builder.add_embedding(name, names.vectors[name], weight)
+                position += name_length
     if builder.tokens or not builder.chunks:
         builder.close_chunk()
 
