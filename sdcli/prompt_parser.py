@@ -120,6 +120,7 @@ def _parse_weight(weight: str, prompt: str) -> float:
 
 _NUMBER_AT_END = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
+_MAX_NESTING = 100  # deeper brackets are read as text, which keeps the recursion far from Python's limit
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class _ScheduleReader:
     def __init__(self, text: str) -> None:
         self.text = text
         self.pos = 0
+        self.depth = 0
 
     def top(self) -> tuple:
         parts: list = []
@@ -154,7 +156,7 @@ class _ScheduleReader:
                     parts.extend(self.part())
                     continue
                 except _NoParse:
-                    self.pos = start  # not a complete construct: the bracket is plain text
+                    self.pos, self.depth = start, 0  # not a complete construct: the bracket is plain text
             if self.text[start] in "[]():":
                 parts.append(self.text[start])
                 self.pos = start + 1
@@ -163,9 +165,13 @@ class _ScheduleReader:
         return tuple(parts)
 
     def prompt(self) -> tuple:
+        if self.depth == _MAX_NESTING:
+            raise _NoParse
+        self.depth += 1
         parts: list = []
         while self.pos < len(self.text) and self.text[self.pos] not in "]):|":
             parts.extend(self.part())
+        self.depth -= 1
         return tuple(parts)
 
     def part(self) -> list:

@@ -258,6 +258,17 @@ def test_prompt_schedules_gives_one_schedule_per_prompt_in_order():
     assert prompt_schedules(prompts, 4) == [[(2, "a "), (4, "a b")], [(4, "c")], [(2, "a "), (4, "a b")]]
 
 
+def test_deep_brackets_do_not_exhaust_the_recursion():
+    # Nesting past 100 levels is read as text; an edit inside 10 levels still applies.
+    deep = "(" * 1000 + "a" + ")" * 1000
+    assert prompt_schedule(deep, 10) == [(10, deep)]
+    assert prompt_schedule("(" * 10 + "[a:3]" + ")" * 10, 10) == [
+        (3, "(" * 10 + ")" * 10),
+        (10, "(" * 10 + "a" + ")" * 10),
+    ]
+    assert parse_prompt_attention("(" * 1000 + "a") == [("a", pytest.approx(1.1**1000, rel=1e-9))]
+
+
 def test_prompt_schedule_needs_at_least_one_step():
     with pytest.raises(ValueError, match="at least 1"):
         prompt_schedule("a", 0)
