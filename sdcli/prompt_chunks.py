@@ -184,7 +184,9 @@ def chunk_prompt(
     return builder.chunks
 
 
-def chunk_tensors(chunks: Sequence[PromptChunk], device: torch.device | str | None = None):
+def chunk_tensors(
+    chunks: Sequence[PromptChunk], device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunks as a `(k, 77)` int64 ids tensor and a `(k, 77)` float32 weights tensor."""
     import torch
 
