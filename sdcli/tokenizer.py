@@ -25,6 +25,7 @@ VOCAB_FILES = ("vocab.json", "merges.txt")
 CONTEXT_LENGTH = 77
 START_TOKEN_ID = 49406  # <|startoftext|>
 END_TOKEN_ID = 49407  # <|endoftext|>
+COMMA_TOKEN_ID = 267  # ",</w>": where A1111 prefers to end a 75-token chunk
 VOCAB_SIZE = 49408
 
 
@@ -75,6 +76,20 @@ class ClipTokenizer:
         if not prompts:
             return []
         encoded = self._tokenizer(list(prompts), truncation=True, max_length=self.max_length)
+        return encoded["input_ids"]
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text without start and end tokens and without truncation.
+
+        This is what chunking long prompts needs (A1111 tokenizes each emphasis run this way); the same
+        text cleanup as `encode` applies.
+        """
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not a single string")
+        if not texts:
+            return []
+        # verbose=False: Hugging Face would warn about texts longer than 77 tokens, which are expected here.
+        encoded = self._tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)
         return encoded["input_ids"]
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
