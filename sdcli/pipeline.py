@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdcli.checkpoint import StableDiffusion
+from sdcli.conditioning import TextConditioning
 from sdcli.denoiser import DiscreteDenoiser, guided_unet
 from sdcli.errors import UsageError
 from sdcli.images import from_pil
@@ -71,11 +72,11 @@ class GenerationRequest:
         )  # fmt: skip
 
 
-def encode_prompts(model: StableDiffusion, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-    """Prompts -> text embeddings (B, 77, D) in float32 on the model's device."""
+def encode_prompts(model: StableDiffusion, prompts: list[str], clip_skip: int = 1) -> TextConditioning:
+    """Prompts -> their text conditioning (context (B, 77, D)) in float32 on the model's device."""
     ids = model.tokenizer(prompts).to(model.device)
     with model.use(model.text_encoder) as text_encoder:
-        return text_encoder(ids, clip_skip=clip_skip).float()
+        return TextConditioning(text_encoder(ids, clip_skip=clip_skip).float())
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -118,8 +119,8 @@ def decode_latents(
 
 
 @dataclass
-class Conditioning:
-    """What besides the prompt steers sampling: the image to start from and what of it to keep."""
+class ImageStart:
+    """Where img2img and inpainting start: the image's latents, and what of it to keep or show the UNet."""
 
     init_latents: torch.Tensor | None = None  # img2img / inpaint start, scaled latents
     strength: float = 1.0
@@ -131,12 +132,12 @@ def sample(
     model: StableDiffusion,
     spec: SamplerSpec,
     steps: int,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
+    cond: TextConditioning,
+    uncond: TextConditioning | None,
     cfg: float,
     noise: torch.Tensor,
     generators: list[torch.Generator],
-    conditioning: Conditioning | None = None,
+    start: ImageStart | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
     """Run `spec` over the last `strength` of a `steps`-step schedule; returns the final scaled latents.
@@ -146,20 +147,23 @@ def sample(
     runs the last 15). With a keep mask, every denoiser call after the first sees the kept area replaced by
     the original noised to that call's level, and the result keeps the original latents there.
     """
-    c = conditioning or Conditioning()
+    c = start or ImageStart()
     dtype = model.dtype
     forward = model.compiled_unet or model.unet
 
-    def unet(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def unet(x: torch.Tensor, t: torch.Tensor, text: TextConditioning) -> torch.Tensor:
         if c.extra_channels is not None:
             x = torch.cat([x, c.extra_channels.repeat(x.shape[0] // c.extra_channels.shape[0], 1, 1, 1)], dim=1)
-        return forward(x.to(dtype), t, context.to(dtype)).float()
+        text = text.to(dtype)
+        # SD 1.x/2.x UNets take the context; a UNet with a label embedding (SDXL) also takes `pooled` as its y.
+        inputs = (text.context,) if text.pooled is None else (text.context, text.pooled)
+        return forward(x.to(dtype), t, *inputs).float()
 
     predict = guided_unet(unet, cond, uncond, cfg)
     # The schedule stays on the CPU: samplers compare sigmas in Python, which would otherwise wait for the GPU.
     alphas_cumprod = alphas_cumprod_sd()
     from_image = c.init_latents is not None and c.strength < 1.0
-    start = steps - min(int(steps * c.strength), steps) if from_image else 0
+    skipped = steps - min(int(steps * c.strength), steps) if from_image else 0
     init = c.init_latents if c.init_latents is not None else torch.zeros_like(noise)
     keep = c.keep_mask
 
@@ -168,7 +172,7 @@ def sample(
 
     # One generator per image: its ancestral/SDE noise continues after its initial noise.
     if spec.kind == "timestep":
-        timesteps = ddim_timesteps(steps)[start:]
+        timesteps = ddim_timesteps(steps)[skipped:]
         if len(timesteps) == 0:
             return init
         first = int(timesteps[0])
@@ -187,7 +191,7 @@ def sample(
         return x if keep is None else kept(x, init)
 
     denoiser = DiscreteDenoiser(predict, alphas_cumprod, model.family.prediction)
-    sigmas = make_sigmas(spec.schedule, steps, denoiser.sigmas)[start:]
+    sigmas = make_sigmas(spec.schedule, steps, denoiser.sigmas)[skipped:]
     if len(sigmas) < 2:
         return init
     x = init + noise * sigmas[0] if from_image else noise * sigmas[0]
@@ -204,18 +208,18 @@ def sample(
     return x if keep is None else kept(x, init)
 
 
-def prepare_conditioning(
+def prepare_image_start(
     model: StableDiffusion,
     requests: list[GenerationRequest],
     generators: list[torch.Generator],
     tiling: bool | None = None,
-) -> Conditioning | None:
+) -> ImageStart | None:
     """Encode the init images and masks of a batch into what `sample` needs."""
     first = requests[0]
     if first.init is None:
         return None
     images = torch.cat([from_pil(r.init) for r in requests])  # (B, 3, H, W) in [-1, 1]
-    c = Conditioning(init_latents=encode_images(model, images, generators, tiling), strength=first.strength)
+    c = ImageStart(init_latents=encode_images(model, images, generators, tiling), strength=first.strength)
     if first.mask is None:
         return c
     # The feathered mask, thresholded at half as diffusers does, then nearest-downsampled to latent size.
@@ -256,9 +260,9 @@ def generate(
     f = model.vae.downscale
     generators = seeded_generators([r.seed for r in requests])
     noise = draw_noise(generators, (model.family.unet.out_channels, first.height // f, first.width // f), model.device)
-    conditioning = prepare_conditioning(model, requests, generators, vae_tiling)
+    start = prepare_image_start(model, requests, generators, vae_tiling)
     with model.use(model.unet):
-        latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, conditioning, callback)
+        latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, start, callback)
     return decode_latents(model, latents, vae_tiling, warn).cpu()
 
 
