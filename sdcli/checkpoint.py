@@ -15,18 +15,18 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sdcli.errors import CheckpointError
-from sdcli.families import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, Family, detect
+from sdcli.families import UNET_PREFIX, VAE_PREFIX, Family, detect
 from sdcli.header import TensorInfo, read_header
-from sdcli.models.clip import ClipTextModel
 from sdcli.models.unet import UNetModel
 from sdcli.models.vae import AutoencoderKL
+from sdcli.text_encoders import build_text_encoder, make_tokenizer
 
 # Keys a component's prefix may hold that are not weights of ours: buffers older libraries saved.
 IGNORED_SUFFIXES = ("position_ids",)
@@ -179,14 +179,15 @@ def load_component(
 
 @dataclass
 class StableDiffusion:
-    """A loaded checkpoint: its family, the three networks and the tokenizer that feeds them.
+    """A loaded checkpoint: its family, its networks and the tokenizers that feed its text encoders.
 
-    Computation runs on `device` in `dtype`. With `offload`, the networks wait on the CPU and each visits
-    `device` only while it works (`use`), so a small GPU holds one network at a time.
+    `text_encoders[i]` is the network of `family.text_encoders[i]`. Computation runs on `device` in `dtype`.
+    With `offload`, the networks wait on the CPU and each visits `device` only while it works (`use`), so a
+    small GPU holds one network at a time.
     """
 
     family: Family
-    text_encoder: ClipTextModel
+    text_encoders: tuple[nn.Module, ...]
     unet: UNetModel
     vae: AutoencoderKL
     path: Path
@@ -195,11 +196,20 @@ class StableDiffusion:
     offload: bool = False
     compiled_unet: Callable | None = None  # set by `compile_unet`; the UNet's forward otherwise
 
-    @cached_property
-    def tokenizer(self):
-        from sdcli.tokenizer import ClipTokenizer
+    @property
+    def text_encoder(self) -> nn.Module:
+        """The first text encoder (SD 1.x's only one)."""
+        return self.text_encoders[0]
 
-        return ClipTokenizer(max_length=self.family.clip.max_position_embeddings)
+    @cached_property
+    def tokenizers(self) -> tuple:
+        """One tokenizer per text encoder, as its spec says."""
+        return tuple(make_tokenizer(spec) for spec in self.family.text_encoders)
+
+    @property
+    def tokenizer(self):
+        """The first text encoder's tokenizer."""
+        return self.tokenizers[0]
 
     @contextmanager
     def use(self, module: nn.Module) -> Iterator[nn.Module]:
@@ -214,6 +224,18 @@ class StableDiffusion:
             module.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def components(
+    family: Family, conv_format: torch.memory_format = torch.contiguous_format
+) -> list[tuple[str, Callable[[], nn.Module], torch.memory_format]]:
+    """Each network of `family` as (checkpoint prefix, builder, layout of its 4-D weights): the text
+    encoders in the family's order, then the UNet and the VAE (laid out `conv_format`)."""
+    return [
+        *((spec.prefix, partial(build_text_encoder, spec), torch.contiguous_format) for spec in family.text_encoders),
+        (UNET_PREFIX, partial(UNetModel, family.unet), conv_format),
+        (VAE_PREFIX, partial(AutoencoderKL, family.vae), conv_format),
+    ]
 
 
 def load_model(
@@ -233,13 +255,10 @@ def load_model(
     infos = read_header(path)
     family = detect({k: v.shape for k, v in infos.items()})
     conv_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    target = "cpu" if offload else device
     with TensorReader(path) as reader:
-
-        def load(prefix: str, build: Callable[[], nn.Module], memory_format=torch.contiguous_format) -> nn.Module:
-            target = "cpu" if offload else device
-            return load_component(path, reader, infos, prefix, build, dtype, target, memory_format)
-
-        text_encoder = load(CLIP_PREFIX, lambda: ClipTextModel(family.clip))
-        unet = load(UNET_PREFIX, lambda: UNetModel(family.unet), conv_format)
-        vae = load(VAE_PREFIX, lambda: AutoencoderKL(family.vae), conv_format)
-    return StableDiffusion(family, text_encoder, unet, vae, path, device, dtype, offload)
+        *text_encoders, unet, vae = [
+            load_component(path, reader, infos, prefix, build, dtype, target, memory_format)
+            for prefix, build, memory_format in components(family, conv_format)
+        ]
+    return StableDiffusion(family, tuple(text_encoders), unet, vae, path, device, dtype, offload)

@@ -1,8 +1,9 @@
 """Model families as data: the numbers that shape each network, and detection from a checkpoint's shapes.
 
-A family is what a checkpoint needs to be rebuilt: each component's frozen config plus the few numbers
-the pipeline uses (latent scale factor, prediction type). Adding a family means adding data here and,
-only where the architecture really differs, a module.
+A family is what a checkpoint needs to be rebuilt: each component's frozen config (the text encoders as
+specs saying where their weights are and how their output feeds the UNet) plus the few numbers the
+pipeline uses (latent scale factor, prediction type). Adding a family means adding data here and, only
+where the architecture really differs, a module.
 """
 
 from __future__ import annotations
@@ -60,11 +61,41 @@ class ClipConfig:
 
 
 @dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family: where its weights are, its network, and what of it feeds the UNet.
+
+    `layer` is the hidden layer whose output conditions the UNet (-1 the last, -2 the penultimate); a user's
+    clip skip of N moves it N - 1 layers further down. `final_norm`: the tower's final layer norm is applied
+    to that output. `pooled`: this encoder's pooled output (the final-normed last layer at the end token)
+    also conditions the UNet. `pad_id` fills the tokens after the end token; `tokenizer` names the
+    tokenizer ("clip": the CLIP BPE, 49408 ids).
+    """
+
+    prefix: str
+    config: ClipConfig
+    layer: int = -1
+    final_norm: bool = True
+    pooled: bool = False
+    pad_id: int = 49407
+    tokenizer: str = "clip"
+
+    @property
+    def max_clip_skip(self) -> int:
+        """The largest clip skip that still runs one layer of the tower."""
+        return self.config.num_hidden_layers + 1 + self.layer
+
+    def layers_run(self, clip_skip: int) -> int:
+        """How many transformer layers run before the output that feeds the UNet is taken."""
+        return self.config.num_hidden_layers + 1 + self.layer - (clip_skip - 1)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     unet: UNetConfig
     vae: VAEConfig
-    clip: ClipConfig
+    # In order; their contexts are concatenated on the feature axis into the UNet's context.
+    text_encoders: tuple[TextEncoderSpec, ...]
     scale_factor: float = 0.18215  # latents = VAE mean * scale_factor, applied by the pipeline
     prediction: str = "eps"  # "eps" or "v"
     default_size: int = 512
@@ -75,7 +106,9 @@ class Family:
         return self.unet.in_channels == self.unet.out_channels * 2 + 1
 
 
-SD1 = Family("sd1", UNetConfig(), VAEConfig(), ClipConfig())
+# OpenAI's CLIP ViT-L/14: the last layer, final-normed, padded with the end token (as A1111 and diffusers).
+SD1_CLIP = TextEncoderSpec(CLIP_PREFIX, ClipConfig())
+SD1 = Family("sd1", UNetConfig(), VAEConfig(), (SD1_CLIP,))
 SD1_INPAINT = replace(SD1, name="sd1-inpaint", unet=replace(SD1.unet, in_channels=9))
 # SD 2.x (OpenCLIP ViT-H, v-prediction, linear projections) and SDXL (two text encoders) go here.
 FAMILIES = {f.name: f for f in (SD1, SD1_INPAINT)}
@@ -110,7 +143,8 @@ def detect(shapes: Mapping[str, tuple[int, ...]]) -> Family:
             f"unknown SD 1.x variant: the UNet's first convolution takes {unet.in_channels} channels "
             "(expected 4, or 9 for inpainting)"
         )
-    return replace(base, unet=unet, vae=_vae_config(shapes), clip=_clip_config(shapes))
+    encoders = tuple(replace(spec, config=_clip_config(shapes, spec.prefix)) for spec in base.text_encoders)
+    return replace(base, unet=unet, vae=_vae_config(shapes), text_encoders=encoders)
 
 
 def _count(shapes: Mapping[str, tuple[int, ...]], pattern: str) -> int:
@@ -163,8 +197,8 @@ def _vae_config(shapes: Mapping[str, tuple[int, ...]]) -> VAEConfig:
     )
 
 
-def _clip_config(shapes: Mapping[str, tuple[int, ...]]) -> ClipConfig:
-    p = CLIP_PREFIX + "text_model."
+def _clip_config(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> ClipConfig:
+    p = prefix + "text_model."
     vocab_size, hidden = shapes[p + "embeddings.token_embedding.weight"]
     return ClipConfig(
         vocab_size=vocab_size,

@@ -20,6 +20,7 @@ from sdcli.errors import UsageError
 from sdcli.images import from_pil
 from sdcli.sampler_names import SamplerSpec, resolve_sampler
 from sdcli.schedules import alphas_cumprod_sd, ddim_timesteps, make_sigmas
+from sdcli.text_encoders import combine_outputs, run_text_encoder
 from sdcli.tiling import decode, encode
 
 MAX_SEED = 2**32 - 1
@@ -73,10 +74,16 @@ class GenerationRequest:
 
 
 def encode_prompts(model: StableDiffusion, prompts: list[str], clip_skip: int = 1) -> TextConditioning:
-    """Prompts -> their text conditioning (context (B, 77, D)) in float32 on the model's device."""
-    ids = model.tokenizer(prompts).to(model.device)
-    with model.use(model.text_encoder) as text_encoder:
-        return TextConditioning(text_encoder(ids, clip_skip=clip_skip).float())
+    """Prompts -> their text conditioning (context (B, 77, D), pooled) in float32 on the model's device.
+
+    Each of the family's text encoders reads its own tokens; see sdcli.text_encoders.
+    """
+    outputs = []
+    for spec, encoder, tokenizer in zip(model.family.text_encoders, model.text_encoders, model.tokenizers, strict=True):
+        ids = tokenizer(prompts).to(model.device)
+        with model.use(encoder) as module:
+            outputs.append(run_text_encoder(module, spec, ids, clip_skip))
+    return combine_outputs(outputs)
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
