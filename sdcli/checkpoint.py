@@ -157,8 +157,11 @@ def load_component(
 
     `memory_format` applies to 4-D weights (convolutions): channels_last is faster on the CPU.
     """
-    with torch.device("meta"), skipped_initialisers():
-        module = build()
+    try:
+        with torch.device("meta"), skipped_initialisers():
+            module = build()
+    except (ValueError, RuntimeError, ZeroDivisionError) as e:  # sizes read from a damaged header
+        raise CheckpointError(f"{path}: {prefix}*: no network fits the shapes in the file ({e})") from e
     component = type(module).__name__
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     found = {

@@ -164,10 +164,6 @@ def test_missing_file_says_what_to_do(tmp_path):
         load_model(tmp_path / "absent.safetensors")
 
 
-def test_other_families_are_named_in_the_error():
-    with pytest.raises(CheckpointError, match="SDXL"):
-        detect({UNET_PREFIX + "input_blocks.0.0.weight": (320, 4, 3, 3), "conditioner.embedders.0.x": (1,)})
-    with pytest.raises(CheckpointError, match="SD 2"):
-        detect({UNET_PREFIX + "input_blocks.0.0.weight": (320, 4, 3, 3), "cond_stage_model.model.x": (1,)})
+def test_a_file_without_a_unet_is_named_in_the_error():  # other families: tests/test_families.py
     with pytest.raises(CheckpointError, match="no Stable Diffusion UNet"):
         detect({"encoder.weight": (3,)})
