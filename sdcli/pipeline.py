@@ -19,7 +19,7 @@ from sdcli.denoiser import DiscreteDenoiser, guided_unet
 from sdcli.errors import UsageError
 from sdcli.images import from_pil
 from sdcli.sampler_names import SamplerSpec, resolve_sampler
-from sdcli.schedules import alphas_cumprod_sd, ddim_timesteps, make_sigmas
+from sdcli.schedules import alphas_cumprod_sd, initial_noise_scale, make_sigmas
 from sdcli.text_encoders import combine_outputs, run_text_encoder
 from sdcli.tiling import decode, encode
 
@@ -177,41 +177,25 @@ def sample(
     def kept(x: torch.Tensor, noised_init: torch.Tensor) -> torch.Tensor:
         return keep * noised_init + (1 - keep) * x
 
-    # One generator per image: its ancestral/SDE noise continues after its initial noise.
-    if spec.kind == "timestep":
-        timesteps = ddim_timesteps(steps)[skipped:]
-        if len(timesteps) == 0:
-            return init
-        first = int(timesteps[0])
-        a0 = alphas_cumprod[first]
-        x = a0**0.5 * init + (1 - a0) ** 0.5 * noise if from_image else noise
-        eps_model = predict
-        if keep is not None:
-
-            def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                if int(t[0]) == first:  # the start is left as it is (pure noise at strength 1, as diffusers)
-                    return predict(x, t)
-                a = alphas_cumprod[int(t[0])]
-                return predict(kept(x, a**0.5 * init + (1 - a) ** 0.5 * noise), t)
-
-        x = spec.fn(eps_model, x, timesteps, alphas_cumprod, generator=generators, callback=callback)
-        return x if keep is None else kept(x, init)
-
     denoiser = DiscreteDenoiser(predict, alphas_cumprod, model.family.prediction)
     sigmas = make_sigmas(spec.schedule, steps, denoiser.sigmas)[skipped:]
     if len(sigmas) < 2:
         return init
-    x = init + noise * sigmas[0] if from_image else noise * sigmas[0]
+    x = init + noise * sigmas[0] if from_image else noise * initial_noise_scale(spec.schedule, sigmas[0])
     sigma_start = sigmas[0].item()
     denoise = denoiser
     if keep is not None:
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            if sigma[0].item() >= sigma_start:  # the start is left as it is, as above
+            if sigma[0].item() >= sigma_start:  # the start is left as it is (pure noise at strength 1, as diffusers)
                 return denoiser(x, sigma)
             return denoiser(kept(x, init + noise * sigma.view(-1, 1, 1, 1)), sigma)
 
+    # One generator per image: its ancestral/SDE noise continues after its initial noise.
     x = spec.fn(denoise, x, sigmas, generator=generators, callback=callback)
+    # DDIM's grid ends at a small sigma rather than 0; its latents are x in the variance-preserving scaling
+    # there, as diffusers and LDM decode them (for every other sampler this divides by 1).
+    x = x / (1 + sigmas[-1] ** 2) ** 0.5
     return x if keep is None else kept(x, init)
 
 

@@ -27,11 +27,9 @@ from sdcli.samplers import (
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A named sampler: `fn` with the grid it walks.
+    """A named sampler: `fn(denoiser, x, sigmas)` with the grid it walks, `schedules.make_sigmas(schedule, ...)`.
 
-    kind "sigma": fn(denoiser, x, sigmas) with sigmas from `schedules.make_sigmas(schedule, ...)`;
-    kind "timestep": fn(eps_model, x, timesteps, alphas_cumprod) with `schedules.ddim_timesteps`
-    (schedule "leading").
+    kind "sigma": a k-diffusion grid; kind "timestep": the sigmas of training timesteps (DDIM, DDPM).
     """
 
     name: str
@@ -62,7 +60,7 @@ def _build_registry() -> dict[str, SamplerSpec]:
         specs.append(SamplerSpec(f"{name}_karras", f"{display} Karras", fn, "karras", "sigma"))
         specs.append(SamplerSpec(f"{name}_exponential", f"{display} Exponential", fn, "exponential", "sigma"))
     specs.append(SamplerSpec("ddim", "DDIM", sample_ddim, "leading", "timestep"))
-    specs.append(SamplerSpec("ddpm", "DDPM", sample_ddpm, "leading", "timestep"))
+    specs.append(SamplerSpec("ddpm", "DDPM", sample_ddpm, "leading_to_zero", "timestep"))
     return {spec.name: spec for spec in specs}
 
 
