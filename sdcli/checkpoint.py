@@ -38,6 +38,8 @@ INITIALISERS = (
 # Half-precision conversions PyTorch does element by element on the CPU; through fp32 both halves are SIMD.
 SLOW_CPU_CASTS = {(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)}
 SCRATCH_ELEMENTS = 1 << 22  # 16 MB of fp32: small, and large enough to amortise the loop
+# A function applied to each tensor on its way from the file into a module: (full key, tensor) -> tensor.
+Patch = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 SAFETENSORS_DTYPES = {
@@ -73,7 +75,13 @@ class TensorReader:
         dtype: torch.dtype,
         device: torch.device | str,
         memory_format: torch.memory_format = torch.contiguous_format,
+        patch: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """The tensor `info` describes, in `dtype` (if floating point) on `device`.
+
+        `patch`, if given, sees the file's tensor (a read-only view of the mapping, in the file's dtype) and
+        returns the tensor to load in its place, before the cast.
+        """
         file_dtype = SAFETENSORS_DTYPES.get(info.dtype)
         if file_dtype is None:
             raise CheckpointError(f"{self.path}: tensor dtype {info.dtype} is not supported")
@@ -85,11 +93,13 @@ class TensorReader:
             view = raw.view(file_dtype).view(info.shape)
         else:  # an empty tensor: nothing to map (frombuffer refuses a count of 0)
             raw = view = torch.empty(info.shape, dtype=file_dtype)
+        if patch is not None:
+            view = patch(view)
         target = dtype if file_dtype.is_floating_point else file_dtype
         if len(info.shape) != 4:
             memory_format = torch.contiguous_format
         tensor = torch.empty(info.shape, dtype=target, device=device, memory_format=memory_format)
-        if (file_dtype, target) in SLOW_CPU_CASTS and tensor.device.type == "cpu":
+        if (view.dtype, target) in SLOW_CPU_CASTS and tensor.device.type == "cpu":
             self._copy_through_fp32(tensor, view)
         else:
             tensor.copy_(view)
@@ -152,10 +162,12 @@ def load_component(
     dtype: torch.dtype,
     device: torch.device | str,
     memory_format: torch.memory_format = torch.contiguous_format,
+    patch: Patch | None = None,
 ) -> nn.Module:
     """Build a module on the meta device and fill it from the keys under `prefix`, cast one by one.
 
-    `memory_format` applies to 4-D weights (convolutions): channels_last is faster on the CPU.
+    `memory_format` applies to 4-D weights (convolutions): channels_last is faster on the CPU. `patch`: see
+    `load_model`.
     """
     try:
         with torch.device("meta"), skipped_initialisers():
@@ -175,9 +187,25 @@ def load_component(
         raise _mismatch_error(path, component, "unexpected", [prefix + k for k in unexpected])
     if wrong := [f"{prefix}{k} {found[k]} (expected {v})" for k, v in expected.items() if found[k] != v]:
         raise _mismatch_error(path, component, "wrong shape for", wrong)
-    state = {k: reader.read(infos[prefix + k], dtype, device, memory_format) for k in expected}
+    state = {
+        k: reader.read(infos[prefix + k], dtype, device, memory_format, _bound(patch, prefix + k)) for k in expected
+    }
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
+
+
+def _bound(patch: Patch | None, key: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`patch` for one key, checking that it keeps the tensor's shape."""
+    if patch is None:
+        return None
+
+    def apply(tensor: torch.Tensor) -> torch.Tensor:
+        out = patch(key, tensor)
+        if tuple(out.shape) != tuple(tensor.shape):
+            raise ValueError(f"the load patch changed {key} from {tuple(tensor.shape)} to {tuple(out.shape)}")
+        return out
+
+    return apply
 
 
 @dataclass
@@ -246,12 +274,18 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     offload: bool = False,
+    patch: Patch | None = None,
 ) -> StableDiffusion:
     """Load a single-file SD checkpoint (.safetensors, original layout) for `device` in `dtype`.
 
     Weights are cast once, straight from the memory-mapped file. With `offload` they stay on the CPU until
     a network is used (see StableDiffusion.use). On the CPU the convolutional networks are laid out
     channels_last, which oneDNN runs faster (bench/RESULTS.md).
+
+    `patch(key, tensor) -> tensor` (LoRA, a VAE override, merges) is called for each tensor loaded, with its
+    full checkpoint key and the file's tensor in the file's dtype, before the cast; what it returns (the
+    same shape, any dtype) is loaded instead. It must return a new tensor rather than write into its
+    argument, a read-only view of the file. One tensor at a time, so no second copy of the model is held.
     """
     device = torch.device(device)
     path = Path(path)
@@ -261,7 +295,7 @@ def load_model(
     target = "cpu" if offload else device
     with TensorReader(path) as reader:
         *text_encoders, unet, vae = [
-            load_component(path, reader, infos, prefix, build, dtype, target, memory_format)
+            load_component(path, reader, infos, prefix, build, dtype, target, memory_format, patch)
             for prefix, build, memory_format in components(family, conv_format)
         ]
     return StableDiffusion(family, tuple(text_encoders), unet, vae, path, device, dtype, offload)
