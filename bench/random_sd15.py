@@ -55,7 +55,7 @@ def random_state_dict(family: Family = SD1, seed: int = 0) -> dict[str, torch.Te
         parts = (
             (UNET_PREFIX, UNetModel(family.unet)),
             (VAE_PREFIX, AutoencoderKL(family.vae)),
-            (CLIP_PREFIX, ClipTextModel(family.clip)),
+            (CLIP_PREFIX, ClipTextModel(family.text_encoders[0].config)),
         )
     generator = torch.Generator().manual_seed(seed)
     state = {}
@@ -135,9 +135,8 @@ def ensure_diffusers_config(cache: Path, family: Family = SD1) -> Path:
     for name, config in configs.items():
         (partial / name).parent.mkdir(parents=True, exist_ok=True)
         (partial / name).write_text(json.dumps({**config, "_diffusers_version": version}, indent=2))
-    clip_text_config(family.clip, projection_dim=768, architectures=["CLIPTextModel"]).save_pretrained(
-        partial / "text_encoder"
-    )
+    clip = clip_text_config(family.text_encoders[0].config, projection_dim=768, architectures=["CLIPTextModel"])
+    clip.save_pretrained(partial / "text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(str(files("sdcli") / "data"), local_files_only=True, model_max_length=77)
     tokenizer.save_pretrained(partial / "tokenizer")
     shutil.rmtree(folder, ignore_errors=True)

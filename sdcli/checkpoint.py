@@ -15,18 +15,18 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sdcli.errors import CheckpointError
-from sdcli.families import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, Family, detect
+from sdcli.families import UNET_PREFIX, VAE_PREFIX, Family, detect
 from sdcli.header import TensorInfo, read_header
-from sdcli.models.clip import ClipTextModel
 from sdcli.models.unet import UNetModel
 from sdcli.models.vae import AutoencoderKL
+from sdcli.text_encoders import build_text_encoder, make_tokenizer
 
 # Keys a component's prefix may hold that are not weights of ours: buffers older libraries saved.
 IGNORED_SUFFIXES = ("position_ids",)
@@ -38,6 +38,8 @@ INITIALISERS = (
 # Half-precision conversions PyTorch does element by element on the CPU; through fp32 both halves are SIMD.
 SLOW_CPU_CASTS = {(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)}
 SCRATCH_ELEMENTS = 1 << 22  # 16 MB of fp32: small, and large enough to amortise the loop
+# A function applied to each tensor on its way from the file into a module: (full key, tensor) -> tensor.
+Patch = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 SAFETENSORS_DTYPES = {
@@ -73,7 +75,13 @@ class TensorReader:
         dtype: torch.dtype,
         device: torch.device | str,
         memory_format: torch.memory_format = torch.contiguous_format,
+        patch: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """The tensor `info` describes, in `dtype` (if floating point) on `device`.
+
+        `patch`, if given, sees the file's tensor (a read-only view of the mapping, in the file's dtype) and
+        returns the tensor to load in its place, before the cast.
+        """
         file_dtype = SAFETENSORS_DTYPES.get(info.dtype)
         if file_dtype is None:
             raise CheckpointError(f"{self.path}: tensor dtype {info.dtype} is not supported")
@@ -85,11 +93,13 @@ class TensorReader:
             view = raw.view(file_dtype).view(info.shape)
         else:  # an empty tensor: nothing to map (frombuffer refuses a count of 0)
             raw = view = torch.empty(info.shape, dtype=file_dtype)
+        if patch is not None:
+            view = patch(view)
         target = dtype if file_dtype.is_floating_point else file_dtype
         if len(info.shape) != 4:
             memory_format = torch.contiguous_format
         tensor = torch.empty(info.shape, dtype=target, device=device, memory_format=memory_format)
-        if (file_dtype, target) in SLOW_CPU_CASTS and tensor.device.type == "cpu":
+        if (view.dtype, target) in SLOW_CPU_CASTS and tensor.device.type == "cpu":
             self._copy_through_fp32(tensor, view)
         else:
             tensor.copy_(view)
@@ -152,13 +162,18 @@ def load_component(
     dtype: torch.dtype,
     device: torch.device | str,
     memory_format: torch.memory_format = torch.contiguous_format,
+    patch: Patch | None = None,
 ) -> nn.Module:
     """Build a module on the meta device and fill it from the keys under `prefix`, cast one by one.
 
-    `memory_format` applies to 4-D weights (convolutions): channels_last is faster on the CPU.
+    `memory_format` applies to 4-D weights (convolutions): channels_last is faster on the CPU. `patch`: see
+    `load_model`.
     """
-    with torch.device("meta"), skipped_initialisers():
-        module = build()
+    try:
+        with torch.device("meta"), skipped_initialisers():
+            module = build()
+    except (ValueError, RuntimeError, ZeroDivisionError) as e:  # sizes read from a damaged header
+        raise CheckpointError(f"{path}: {prefix}*: no network fits the shapes in the file ({e})") from e
     component = type(module).__name__
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     found = {
@@ -172,21 +187,38 @@ def load_component(
         raise _mismatch_error(path, component, "unexpected", [prefix + k for k in unexpected])
     if wrong := [f"{prefix}{k} {found[k]} (expected {v})" for k, v in expected.items() if found[k] != v]:
         raise _mismatch_error(path, component, "wrong shape for", wrong)
-    state = {k: reader.read(infos[prefix + k], dtype, device, memory_format) for k in expected}
+    state = {
+        k: reader.read(infos[prefix + k], dtype, device, memory_format, _bound(patch, prefix + k)) for k in expected
+    }
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
 
+def _bound(patch: Patch | None, key: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`patch` for one key, checking that it keeps the tensor's shape."""
+    if patch is None:
+        return None
+
+    def apply(tensor: torch.Tensor) -> torch.Tensor:
+        out = patch(key, tensor)
+        if tuple(out.shape) != tuple(tensor.shape):
+            raise ValueError(f"the load patch changed {key} from {tuple(tensor.shape)} to {tuple(out.shape)}")
+        return out
+
+    return apply
+
+
 @dataclass
 class StableDiffusion:
-    """A loaded checkpoint: its family, the three networks and the tokenizer that feeds them.
+    """A loaded checkpoint: its family, its networks and the tokenizers that feed its text encoders.
 
-    Computation runs on `device` in `dtype`. With `offload`, the networks wait on the CPU and each visits
-    `device` only while it works (`use`), so a small GPU holds one network at a time.
+    `text_encoders[i]` is the network of `family.text_encoders[i]`. Computation runs on `device` in `dtype`.
+    With `offload`, the networks wait on the CPU and each visits `device` only while it works (`use`), so a
+    small GPU holds one network at a time.
     """
 
     family: Family
-    text_encoder: ClipTextModel
+    text_encoders: tuple[nn.Module, ...]
     unet: UNetModel
     vae: AutoencoderKL
     path: Path
@@ -195,11 +227,20 @@ class StableDiffusion:
     offload: bool = False
     compiled_unet: Callable | None = None  # set by `compile_unet`; the UNet's forward otherwise
 
-    @cached_property
-    def tokenizer(self):
-        from sdcli.tokenizer import ClipTokenizer
+    @property
+    def text_encoder(self) -> nn.Module:
+        """The first text encoder (SD 1.x's only one)."""
+        return self.text_encoders[0]
 
-        return ClipTokenizer(max_length=self.family.clip.max_position_embeddings)
+    @cached_property
+    def tokenizers(self) -> tuple:
+        """One tokenizer per text encoder, as its spec says."""
+        return tuple(make_tokenizer(spec) for spec in self.family.text_encoders)
+
+    @property
+    def tokenizer(self):
+        """The first text encoder's tokenizer."""
+        return self.tokenizers[0]
 
     @contextmanager
     def use(self, module: nn.Module) -> Iterator[nn.Module]:
@@ -216,30 +257,45 @@ class StableDiffusion:
                 torch.cuda.empty_cache()
 
 
+def components(
+    family: Family, conv_format: torch.memory_format = torch.contiguous_format
+) -> list[tuple[str, Callable[[], nn.Module], torch.memory_format]]:
+    """Each network of `family` as (checkpoint prefix, builder, layout of its 4-D weights): the text
+    encoders in the family's order, then the UNet and the VAE (laid out `conv_format`)."""
+    return [
+        *((spec.prefix, partial(build_text_encoder, spec), torch.contiguous_format) for spec in family.text_encoders),
+        (UNET_PREFIX, partial(UNetModel, family.unet), conv_format),
+        (VAE_PREFIX, partial(AutoencoderKL, family.vae), conv_format),
+    ]
+
+
 def load_model(
     path: str | os.PathLike,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     offload: bool = False,
+    patch: Patch | None = None,
 ) -> StableDiffusion:
     """Load a single-file SD checkpoint (.safetensors, original layout) for `device` in `dtype`.
 
     Weights are cast once, straight from the memory-mapped file. With `offload` they stay on the CPU until
     a network is used (see StableDiffusion.use). On the CPU the convolutional networks are laid out
     channels_last, which oneDNN runs faster (bench/RESULTS.md).
+
+    `patch(key, tensor) -> tensor` (LoRA, a VAE override, merges) is called for each tensor loaded, with its
+    full checkpoint key and the file's tensor in the file's dtype, before the cast; what it returns (the
+    same shape, any dtype) is loaded instead. It must return a new tensor rather than write into its
+    argument, a read-only view of the file. One tensor at a time, so no second copy of the model is held.
     """
     device = torch.device(device)
     path = Path(path)
     infos = read_header(path)
     family = detect({k: v.shape for k, v in infos.items()})
     conv_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    target = "cpu" if offload else device
     with TensorReader(path) as reader:
-
-        def load(prefix: str, build: Callable[[], nn.Module], memory_format=torch.contiguous_format) -> nn.Module:
-            target = "cpu" if offload else device
-            return load_component(path, reader, infos, prefix, build, dtype, target, memory_format)
-
-        text_encoder = load(CLIP_PREFIX, lambda: ClipTextModel(family.clip))
-        unet = load(UNET_PREFIX, lambda: UNetModel(family.unet), conv_format)
-        vae = load(VAE_PREFIX, lambda: AutoencoderKL(family.vae), conv_format)
-    return StableDiffusion(family, text_encoder, unet, vae, path, device, dtype, offload)
+        *text_encoders, unet, vae = [
+            load_component(path, reader, infos, prefix, build, dtype, target, memory_format, patch)
+            for prefix, build, memory_format in components(family, conv_format)
+        ]
+    return StableDiffusion(family, tuple(text_encoders), unet, vae, path, device, dtype, offload)

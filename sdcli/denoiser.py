@@ -11,22 +11,27 @@ from collections.abc import Callable
 
 import torch
 
+from sdcli.conditioning import TextConditioning
 from sdcli.schedules import sigma_to_t, sigmas_from_alphas_cumprod
 
-UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+UNetFn = Callable[[torch.Tensor, torch.Tensor, TextConditioning], torch.Tensor]
 
 
-def guided_unet(unet: UNetFn, cond: torch.Tensor, uncond: torch.Tensor | None, cfg: float) -> Callable:
+def guided_unet(
+    unet: UNetFn, cond: TextConditioning, uncond: TextConditioning | None, cfg: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The UNet with classifier-free guidance folded in: `(x, t) -> output` for a batch of images.
 
-    `cond` and `uncond` are text embeddings (B, T, D). The prediction is uncond + cfg * (cond - uncond),
-    which for eps and for v alike is linear, so guidance in eps, v or x0 space gives the same result.
+    `cond` and `uncond` hold a batch of prompts' conditioning each; guided calls run both halves as one
+    batch, concatenated field by field. The prediction is uncond + cfg * (cond - uncond), which for eps
+    and for v alike is linear, so guidance in eps, v or x0 space gives the same result.
     """
+    both = None if uncond is None or cfg == 1.0 else TextConditioning.cat([uncond, cond])
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if uncond is None or cfg == 1.0:
+        if both is None:
             return unet(x, t, cond)
-        out_uncond, out_cond = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+        out_uncond, out_cond = unet(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return out_uncond + cfg * (out_cond - out_uncond)
 
     return predict

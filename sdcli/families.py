@@ -1,8 +1,9 @@
 """Model families as data: the numbers that shape each network, and detection from a checkpoint's shapes.
 
-A family is what a checkpoint needs to be rebuilt: each component's frozen config plus the few numbers
-the pipeline uses (latent scale factor, prediction type). Adding a family means adding data here and,
-only where the architecture really differs, a module.
+A family is what a checkpoint needs to be rebuilt: each component's frozen config (the text encoders as
+specs saying where their weights are and how their output feeds the UNet) plus the few numbers the
+pipeline uses (latent scale factor, prediction type). Adding a family means adding data here and, only
+where the architecture really differs, a module.
 """
 
 from __future__ import annotations
@@ -62,14 +63,49 @@ class ClipConfig:
 
 
 @dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family: where its weights are, its network, and what of it feeds the UNet.
+
+    `layer` is the hidden layer whose output conditions the UNet (-1 the last, -2 the penultimate); a user's
+    clip skip of N moves it N - 1 layers further down. `final_norm`: the tower's final layer norm is applied
+    to that output. `pooled`: this encoder's pooled output (the final-normed last layer at the end token)
+    also conditions the UNet. `pad_id` fills the tokens after the end token; `tokenizer` names the
+    tokenizer ("clip": the CLIP BPE, 49408 ids).
+    """
+
+    prefix: str
+    config: ClipConfig
+    layer: int = -1
+    final_norm: bool = True
+    pooled: bool = False
+    pad_id: int = 49407
+    tokenizer: str = "clip"
+
+    @property
+    def max_clip_skip(self) -> int:
+        """The largest clip skip that still runs one layer of the tower."""
+        return self.config.num_hidden_layers + 1 + self.layer
+
+    def layers_run(self, clip_skip: int) -> int:
+        """How many transformer layers run before the output that feeds the UNet is taken."""
+        return self.config.num_hidden_layers + 1 + self.layer - (clip_skip - 1)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     unet: UNetConfig
     vae: VAEConfig
-    clip: ClipConfig
+    # In order; their contexts are concatenated on the feature axis into the UNet's context.
+    text_encoders: tuple[TextEncoderSpec, ...]
     scale_factor: float = 0.18215  # latents = VAE mean * scale_factor, applied by the pipeline
     prediction: str = "eps"  # "eps" or "v"
     default_size: int = 512
+
+    @property
+    def max_clip_skip(self) -> int:
+        """The largest clip skip every text encoder can honour."""
+        return min(spec.max_clip_skip for spec in self.text_encoders)
 
     @property
     def is_inpainting(self) -> bool:
@@ -77,42 +113,168 @@ class Family:
         return self.unet.in_channels == self.unet.out_channels * 2 + 1
 
 
-SD1 = Family("sd1", UNetConfig(), VAEConfig(), ClipConfig())
+# OpenAI's CLIP ViT-L/14: the last layer, final-normed, padded with the end token (as A1111 and diffusers).
+SD1_CLIP = TextEncoderSpec(CLIP_PREFIX, ClipConfig())
+SD1 = Family("sd1", UNetConfig(), VAEConfig(), (SD1_CLIP,))
 SD1_INPAINT = replace(SD1, name="sd1-inpaint", unet=replace(SD1.unet, in_channels=9))
-# SD 2.x (OpenCLIP ViT-H, v-prediction, linear projections) and SDXL (two text encoders) go here.
 FAMILIES = {f.name: f for f in (SD1, SD1_INPAINT)}
+
+
+@dataclass(frozen=True)
+class TowerShape:
+    """A text encoder found in the header: its prefix, kind ("clip": Hugging Face names; "open_clip": the
+    OpenCLIP names of SD 2.x and SDXL's second tower), width and number of layers."""
+
+    prefix: str
+    kind: str
+    width: int
+    depth: int
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a checkpoint's header shows, before any family is chosen (detection's first step)."""
+
+    unet_in_channels: int
+    unet_out_channels: int
+    model_channels: int
+    context_dim: int  # width of the cross-attention keys' input
+    adm_in_channels: int | None  # the label embedding's input width (SDXL: 2816); None without one
+    linear_proj: bool  # transformer proj_in/proj_out are Linear (SD 2.x, SDXL), not 1x1 convolutions
+    text_encoders: tuple[TowerShape, ...]  # in key order of their prefixes
+
+    def describe(self) -> str:
+        towers = ", ".join(f"{t.prefix}* ({t.kind}, {t.width} wide, {t.depth} layers)" for t in self.text_encoders)
+        label = f", a {self.adm_in_channels}-wide label embedding" if self.adm_in_channels else ""
+        return (
+            f"a UNet taking {self.unet_in_channels} channels with {self.context_dim}-wide context{label}; "
+            f"text encoders: {towers or 'none'}"
+        )
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a family's header looks like: its text encoders' prefixes in order, the UNet's input channels,
+    whether the UNet has a label embedding."""
+
+    text_encoders: tuple[str, ...]
+    in_channels: int
+    label_emb: bool = False
+
+    @staticmethod
+    def of(measured: Measured) -> Signature:
+        prefixes = tuple(t.prefix for t in measured.text_encoders)
+        return Signature(prefixes, measured.unet_in_channels, measured.adm_in_channels is not None)
+
+
+# Detection's second step: the family whose signature the header shows. SD 2.x (OpenCLIP ViT-H under
+# "cond_stage_model.model.", eps or v: the shapes are the same, so the prediction type is decided after
+# detection) and SDXL (CLIP-L under "conditioner.embedders.0.transformer.", OpenCLIP bigG under
+# "conditioner.embedders.1.model.", label embedding) join this table when their modules exist.
+FAMILY_TABLE: dict[Signature, Family] = {
+    Signature((CLIP_PREFIX,), 4): SD1,
+    Signature((CLIP_PREFIX,), 9): SD1_INPAINT,
+}
+# Layouts recognised but not loadable yet: (text encoder prefixes, what to call them).
+NOT_YET_SUPPORTED = (
+    (("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."), "an SDXL checkpoint"),
+    (("conditioner.embedders.0.model.",), "an SDXL refiner checkpoint"),
+    (("cond_stage_model.model.",), "an SD 2.x checkpoint (OpenCLIP text encoder)"),
+)
+# Where text encoders sit in the known layouts, and the key that marks each kind of tower.
+TEXT_ENCODER_PREFIXES = (
+    "cond_stage_model.transformer.",
+    "cond_stage_model.model.",
+    "conditioner.embedders.0.transformer.",
+    "conditioner.embedders.0.model.",
+    "conditioner.embedders.1.model.",
+)
+TOWER_MARKERS = {"clip": "text_model.final_layer_norm.weight", "open_clip": "ln_final.weight"}
 
 
 def detect(shapes: Mapping[str, tuple[int, ...]]) -> Family:
     """Return the family of a checkpoint, with each network's numbers read from the key shapes.
 
     `shapes` maps full checkpoint keys to tensor shapes (the safetensors header is enough). As ComfyUI
-    does, the layout is recognised by marker keys and the sizes are read off the weights, so fine-tunes
-    and the tiny test checkpoints load the same way as the originals. Head counts are not visible in
-    shapes: SD 1.x uses 8 UNet heads and 64-wide CLIP heads.
+    does, in two steps: `measure` reads what the shapes show, then the family table is matched by
+    signature; the sizes are read off the weights, so fine-tunes and the tiny test checkpoints load the
+    same way as the originals. What shapes cannot show (head counts or widths, the prediction type) comes
+    from the family. A missing or wrong-shaped tensor among those read is a CheckpointError.
     """
-    if UNET_PREFIX + "input_blocks.0.0.weight" not in shapes:
+    measured = measure(shapes)
+    base = match(measured)
+    encoders = tuple(replace(spec, config=_clip_config(shapes, spec.prefix)) for spec in base.text_encoders)
+    return replace(base, unet=_unet_config(shapes, base.unet), vae=_vae_config(shapes), text_encoders=encoders)
+
+
+def measure(shapes: Mapping[str, tuple[int, ...]]) -> Measured:
+    """Detection's first step: the numbers that tell families apart, read from the header's shapes."""
+    first_conv = UNET_PREFIX + "input_blocks.0.0.weight"
+    if first_conv not in shapes:
         raise CheckpointError(
-            "no Stable Diffusion UNet found (no key 'model.diffusion_model.input_blocks.0.0.weight'); "
+            f"no Stable Diffusion UNet found (no key '{first_conv}'); "
             "is this a single-file checkpoint in the original layout?"
         )
-    if any(k.startswith("conditioner.embedders.") for k in shapes):
-        raise CheckpointError("this is an SDXL checkpoint (conditioner.embedders.*): not supported yet")
-    if any(k.startswith("cond_stage_model.model.") for k in shapes):
-        raise CheckpointError("this is an SD 2.x checkpoint (OpenCLIP text encoder): not supported yet")
-    if CLIP_PREFIX + "text_model.final_layer_norm.weight" not in shapes:
+    model_channels, in_channels, _, _ = _dims(shapes, first_conv, 4)
+    label = UNET_PREFIX + "label_emb.0.0.weight"
+    return Measured(
+        unet_in_channels=in_channels,
+        unet_out_channels=_dims(shapes, UNET_PREFIX + "out.2.weight", 4)[0],
+        model_channels=model_channels,
+        context_dim=_dims(shapes, _first_key(shapes, UNET_PREFIX, "attn2.to_k.weight"), 2)[1],
+        adm_in_channels=_dims(shapes, label, 2)[1] if label in shapes else None,
+        linear_proj=len(shapes[_first_key(shapes, UNET_PREFIX, ".proj_in.weight")]) == 2,
+        text_encoders=tuple(tower for prefix in TEXT_ENCODER_PREFIXES if (tower := _tower(shapes, prefix))),
+    )
+
+
+def match(measured: Measured) -> Family:
+    """Detection's second step: the family in the table whose signature `measured` shows, or a one-line
+    error that says what was found."""
+    signature = Signature.of(measured)
+    if family := FAMILY_TABLE.get(signature):
+        return family
+    for prefixes, what in NOT_YET_SUPPORTED:
+        if signature.text_encoders == prefixes:
+            raise CheckpointError(f"this is {what}: not supported yet")
+    known = ", ".join(f.name for f in FAMILY_TABLE.values())
+    raise CheckpointError(f"unknown checkpoint layout: found {measured.describe()}; sdcli loads: {known}")
+
+
+def _tower(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> TowerShape | None:
+    """The text encoder under `prefix`, if the header holds one."""
+    if not any(k.startswith(prefix) for k in shapes):
+        return None
+    p = re.escape(prefix)
+    if prefix + TOWER_MARKERS["clip"] in shapes:
+        width = _dims(shapes, prefix + "text_model.embeddings.token_embedding.weight", 2)[1]
+        return TowerShape(prefix, "clip", width, _count(shapes, p + r"text_model\.encoder\.layers\.(\d+)\."))
+    if prefix + TOWER_MARKERS["open_clip"] in shapes:
+        width = _dims(shapes, prefix + "token_embedding.weight", 2)[1]
+        return TowerShape(prefix, "open_clip", width, _count(shapes, p + r"transformer\.resblocks\.(\d+)\."))
+    return TowerShape(prefix, "unknown", 0, 0)
+
+
+def _dims(shapes: Mapping[str, tuple[int, ...]], key: str, ndim: int) -> tuple[int, ...]:
+    """The shape of `key`, which must be there with `ndim` positive dimensions."""
+    shape = shapes.get(key)
+    if shape is None:
+        raise CheckpointError(f"no tensor '{key}': the file is damaged or not a complete Stable Diffusion checkpoint")
+    if len(shape) != ndim or not all(isinstance(d, int) and d > 0 for d in shape):
         raise CheckpointError(
-            "unknown checkpoint layout: no text encoder under 'cond_stage_model.transformer.text_model.'; "
-            "supported: SD 1.x and SD 1.x inpainting single-file checkpoints"
+            f"tensor '{key}' has shape {list(shape)}, expected {ndim} nonzero dimensions: the file is damaged"
         )
-    unet = _unet_config(shapes)
-    base = SD1_INPAINT if unet.in_channels == 9 else SD1
-    if unet.in_channels not in (4, 9):
+    return tuple(shape)
+
+
+def _first_key(shapes: Mapping[str, tuple[int, ...]], prefix: str, suffix: str) -> str:
+    """The first key under `prefix` that ends with `suffix`."""
+    key = next((k for k in shapes if k.startswith(prefix) and k.endswith(suffix)), None)
+    if key is None:
         raise CheckpointError(
-            f"unknown SD 1.x variant: the UNet's first convolution takes {unet.in_channels} channels "
-            "(expected 4, or 9 for inpainting)"
+            f"no tensor '{prefix}*{suffix}': the file is damaged or not a Stable Diffusion checkpoint"
         )
-    return replace(base, unet=unet, vae=_vae_config(shapes), clip=_clip_config(shapes))
+    return key
 
 
 def _count(shapes: Mapping[str, tuple[int, ...]], pattern: str) -> int:
@@ -121,58 +283,59 @@ def _count(shapes: Mapping[str, tuple[int, ...]], pattern: str) -> int:
     return len({m.group(1) for k in shapes if (m := rx.match(k))})
 
 
-def _unet_config(shapes: Mapping[str, tuple[int, ...]]) -> UNetConfig:
+def _unet_config(shapes: Mapping[str, tuple[int, ...]], base: UNetConfig) -> UNetConfig:
+    """`base` (the family's UNet: head counts) with the sizes the shapes show."""
     p = re.escape(UNET_PREFIX)
-    first = shapes[UNET_PREFIX + "input_blocks.0.0.weight"]
-    model_channels, in_channels = first[0], first[1]
+    model_channels, in_channels, _, _ = _dims(shapes, UNET_PREFIX + "input_blocks.0.0.weight", 4)
     n_input_blocks = _count(shapes, p + r"input_blocks\.(\d+)\.")
     n_levels = _count(shapes, p + r"input_blocks\.(\d+)\.0\.op\.weight") + 1
     num_res_blocks = (n_input_blocks - 1) // n_levels
     mult, depth = [], []
     for level in range(n_levels):
         block = 1 + level * (num_res_blocks + 1)  # first res block of the level
-        mult.append(shapes[f"{UNET_PREFIX}input_blocks.{block}.0.out_layers.3.weight"][0] // model_channels)
+        mult.append(_dims(shapes, f"{UNET_PREFIX}input_blocks.{block}.0.out_layers.3.weight", 4)[0] // model_channels)
         depth.append(_count(shapes, p + rf"input_blocks\.{block}\.1\.transformer_blocks\.(\d+)\."))
-    to_k = next(v for k, v in shapes.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight"))
-    proj_in = next(v for k, v in shapes.items() if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight"))
-    return UNetConfig(
+    proj_in = shapes[_first_key(shapes, UNET_PREFIX, ".proj_in.weight")]
+    return replace(
+        base,
         in_channels=in_channels,
-        out_channels=shapes[UNET_PREFIX + "out.2.weight"][0],
+        out_channels=_dims(shapes, UNET_PREFIX + "out.2.weight", 4)[0],
         model_channels=model_channels,
         channel_mult=tuple(mult),
         num_res_blocks=num_res_blocks,
         transformer_depth=tuple(depth),
         transformer_depth_middle=_count(shapes, p + r"middle_block\.1\.transformer_blocks\.(\d+)\."),
-        context_dim=to_k[1],
+        context_dim=_dims(shapes, _first_key(shapes, UNET_PREFIX, "attn2.to_k.weight"), 2)[1],
         use_linear_in_transformer=len(proj_in) == 2,
     )
 
 
 def _vae_config(shapes: Mapping[str, tuple[int, ...]]) -> VAEConfig:
     p = re.escape(VAE_PREFIX)
-    conv_in = shapes[VAE_PREFIX + "encoder.conv_in.weight"]
-    ch = conv_in[0]
+    ch, in_channels, _, _ = _dims(shapes, VAE_PREFIX + "encoder.conv_in.weight", 4)
     n_levels = _count(shapes, p + r"encoder\.down\.(\d+)\.")
-    mult = tuple(shapes[f"{VAE_PREFIX}encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(n_levels))
+    mult = tuple(
+        _dims(shapes, f"{VAE_PREFIX}encoder.down.{i}.block.0.conv2.weight", 4)[0] // ch for i in range(n_levels)
+    )
     return VAEConfig(
-        in_channels=conv_in[1],
-        out_ch=shapes[VAE_PREFIX + "decoder.conv_out.weight"][0],
+        in_channels=in_channels,
+        out_ch=_dims(shapes, VAE_PREFIX + "decoder.conv_out.weight", 4)[0],
         ch=ch,
         ch_mult=mult,
         num_res_blocks=_count(shapes, p + r"encoder\.down\.0\.block\.(\d+)\."),
-        z_channels=shapes[VAE_PREFIX + "decoder.conv_in.weight"][1],
-        embed_dim=shapes[VAE_PREFIX + "post_quant_conv.weight"][1],
+        z_channels=_dims(shapes, VAE_PREFIX + "decoder.conv_in.weight", 4)[1],
+        embed_dim=_dims(shapes, VAE_PREFIX + "post_quant_conv.weight", 4)[1],
     )
 
 
-def _clip_config(shapes: Mapping[str, tuple[int, ...]]) -> ClipConfig:
-    p = CLIP_PREFIX + "text_model."
-    vocab_size, hidden = shapes[p + "embeddings.token_embedding.weight"]
+def _clip_config(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> ClipConfig:
+    p = prefix + "text_model."
+    vocab_size, hidden = _dims(shapes, p + "embeddings.token_embedding.weight", 2)
     return ClipConfig(
         vocab_size=vocab_size,
-        max_position_embeddings=shapes[p + "embeddings.position_embedding.weight"][0],
+        max_position_embeddings=_dims(shapes, p + "embeddings.position_embedding.weight", 2)[0],
         hidden_size=hidden,
-        intermediate_size=shapes[p + "encoder.layers.0.mlp.fc1.weight"][0],
+        intermediate_size=_dims(shapes, p + "encoder.layers.0.mlp.fc1.weight", 2)[0],
         num_hidden_layers=_count(shapes, re.escape(p) + r"encoder\.layers\.(\d+)\."),
         num_attention_heads=max(1, hidden // 64),  # every CLIP text tower uses 64-wide heads
     )

@@ -14,20 +14,28 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdcli.checkpoint import StableDiffusion
+from sdcli.conditioning import TextConditioning
 from sdcli.denoiser import DiscreteDenoiser, guided_unet
 from sdcli.errors import UsageError
 from sdcli.images import from_pil
 from sdcli.request import GenerationRequest
 from sdcli.sampler_names import SamplerSpec
-from sdcli.schedules import alphas_cumprod_sd, ddim_timesteps, make_sigmas
+from sdcli.schedules import alphas_cumprod_sd, initial_noise_scale, make_sigmas
+from sdcli.text_encoders import combine_outputs, run_text_encoder
 from sdcli.tiling import decode, encode
 
 
-def encode_prompts(model: StableDiffusion, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-    """Prompts -> text embeddings (B, 77, D) in float32 on the model's device."""
-    ids = model.tokenizer(prompts).to(model.device)
-    with model.use(model.text_encoder) as text_encoder:
-        return text_encoder(ids, clip_skip=clip_skip).float()
+def encode_prompts(model: StableDiffusion, prompts: list[str], clip_skip: int = 1) -> TextConditioning:
+    """Prompts -> their text conditioning (context (B, 77, D), pooled) in float32 on the model's device.
+
+    Each of the family's text encoders reads its own tokens; see sdcli.text_encoders.
+    """
+    outputs = []
+    for spec, encoder, tokenizer in zip(model.family.text_encoders, model.text_encoders, model.tokenizers, strict=True):
+        ids = tokenizer(prompts).to(model.device)
+        with model.use(encoder) as module:
+            outputs.append(run_text_encoder(module, spec, ids, clip_skip))
+    return combine_outputs(outputs)
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -70,8 +78,8 @@ def decode_latents(
 
 
 @dataclass
-class Conditioning:
-    """What besides the prompt steers sampling: the image to start from and what of it to keep."""
+class ImageStart:
+    """Where img2img and inpainting start: the image's latents, and what of it to keep or show the UNet."""
 
     init_latents: torch.Tensor | None = None  # img2img / inpaint start, scaled latents
     strength: float = 1.0
@@ -83,12 +91,12 @@ def sample(
     model: StableDiffusion,
     spec: SamplerSpec,
     steps: int,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
+    cond: TextConditioning,
+    uncond: TextConditioning | None,
     cfg: float,
     noise: torch.Tensor,
     generators: list[torch.Generator],
-    conditioning: Conditioning | None = None,
+    start: ImageStart | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
     """Run `spec` over the last `strength` of a `steps`-step schedule; returns the final scaled latents.
@@ -98,76 +106,63 @@ def sample(
     runs the last 15). With a keep mask, every denoiser call after the first sees the kept area replaced by
     the original noised to that call's level, and the result keeps the original latents there.
     """
-    c = conditioning or Conditioning()
+    c = start or ImageStart()
     dtype = model.dtype
     forward = model.compiled_unet or model.unet
 
-    def unet(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def unet(x: torch.Tensor, t: torch.Tensor, text: TextConditioning) -> torch.Tensor:
         if c.extra_channels is not None:
             x = torch.cat([x, c.extra_channels.repeat(x.shape[0] // c.extra_channels.shape[0], 1, 1, 1)], dim=1)
-        return forward(x.to(dtype), t, context.to(dtype)).float()
+        text = text.to(dtype)
+        # SD 1.x/2.x UNets take the context; a UNet with a label embedding (SDXL) also takes `pooled` as its y.
+        inputs = (text.context,) if text.pooled is None else (text.context, text.pooled)
+        return forward(x.to(dtype), t, *inputs).float()
 
     predict = guided_unet(unet, cond, uncond, cfg)
     # The schedule stays on the CPU: samplers compare sigmas in Python, which would otherwise wait for the GPU.
     alphas_cumprod = alphas_cumprod_sd()
     from_image = c.init_latents is not None and c.strength < 1.0
-    start = steps - min(int(steps * c.strength), steps) if from_image else 0
+    skipped = steps - min(int(steps * c.strength), steps) if from_image else 0
     init = c.init_latents if c.init_latents is not None else torch.zeros_like(noise)
     keep = c.keep_mask
 
     def kept(x: torch.Tensor, noised_init: torch.Tensor) -> torch.Tensor:
         return keep * noised_init + (1 - keep) * x
 
-    # One generator per image: its ancestral/SDE noise continues after its initial noise.
-    if spec.kind == "timestep":
-        timesteps = ddim_timesteps(steps)[start:]
-        if len(timesteps) == 0:
-            return init
-        first = int(timesteps[0])
-        a0 = alphas_cumprod[first]
-        x = a0**0.5 * init + (1 - a0) ** 0.5 * noise if from_image else noise
-        eps_model = predict
-        if keep is not None:
-
-            def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                if int(t[0]) == first:  # the start is left as it is (pure noise at strength 1, as diffusers)
-                    return predict(x, t)
-                a = alphas_cumprod[int(t[0])]
-                return predict(kept(x, a**0.5 * init + (1 - a) ** 0.5 * noise), t)
-
-        x = spec.fn(eps_model, x, timesteps, alphas_cumprod, generator=generators, callback=callback)
-        return x if keep is None else kept(x, init)
-
     denoiser = DiscreteDenoiser(predict, alphas_cumprod, model.family.prediction)
-    sigmas = make_sigmas(spec.schedule, steps, denoiser.sigmas)[start:]
+    sigmas = make_sigmas(spec.schedule, steps, denoiser.sigmas)[skipped:]
     if len(sigmas) < 2:
         return init
-    x = init + noise * sigmas[0] if from_image else noise * sigmas[0]
+    x = init + noise * sigmas[0] if from_image else noise * initial_noise_scale(spec.schedule, sigmas[0])
     sigma_start = sigmas[0].item()
     denoise = denoiser
     if keep is not None:
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            if sigma[0].item() >= sigma_start:  # the start is left as it is, as above
+            if sigma[0].item() >= sigma_start:  # the start is left as it is (pure noise at strength 1, as diffusers)
                 return denoiser(x, sigma)
             return denoiser(kept(x, init + noise * sigma.view(-1, 1, 1, 1)), sigma)
 
+    # One generator per image: its ancestral/SDE noise continues after its initial noise.
     x = spec.fn(denoise, x, sigmas, generator=generators, callback=callback)
+    # DDIM's grid ends at a small sigma rather than 0; its latents are x in the variance-preserving scaling
+    # there, as diffusers and LDM decode them (for every other sampler this divides by 1).
+    x = x / (1 + sigmas[-1] ** 2) ** 0.5
     return x if keep is None else kept(x, init)
 
 
-def prepare_conditioning(
+def prepare_image_start(
     model: StableDiffusion,
     requests: list[GenerationRequest],
     generators: list[torch.Generator],
     tiling: bool | None = None,
-) -> Conditioning | None:
+) -> ImageStart | None:
     """Encode the init images and masks of a batch into what `sample` needs."""
     first = requests[0]
     if first.init is None:
         return None
     images = torch.cat([from_pil(r.init) for r in requests])  # (B, 3, H, W) in [-1, 1]
-    c = Conditioning(init_latents=encode_images(model, images, generators, tiling), strength=first.strength)
+    c = ImageStart(init_latents=encode_images(model, images, generators, tiling), strength=first.strength)
     if first.mask is None:
         return c
     # The feathered mask, thresholded at half as diffusers does, then nearest-downsampled to latent size.
@@ -196,7 +191,7 @@ def generate(
     `vae_tiling`: True/False forces tiled VAE encode/decode on or off; None decides by free memory.
     """
     first = requests[0]
-    spec = first.validate()
+    spec = first.validate(model.family)
     if any(r.batch_key() != first.batch_key() for r in requests):
         raise ValueError("requests in one batch must share size, steps, cfg, sampler, clip skip and mode")
     if first.mask is not None and first.init is None:
@@ -208,9 +203,9 @@ def generate(
     f = model.vae.downscale
     generators = seeded_generators([r.seed for r in requests])
     noise = draw_noise(generators, (model.family.unet.out_channels, first.height // f, first.width // f), model.device)
-    conditioning = prepare_conditioning(model, requests, generators, vae_tiling)
+    start = prepare_image_start(model, requests, generators, vae_tiling)
     with model.use(model.unet):
-        latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, conditioning, callback)
+        latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, start, callback)
     if callback is not None:
         callback({"stage": "decode"})  # for progress, and a last chance to stop before the VAE's long pass
     return decode_latents(model, latents, vae_tiling, warn).cpu()

@@ -112,9 +112,9 @@ class GenerationRequest:
             raise UsageError(f"strength must be between 0 and 1, got {self.strength}")
         if not 0 <= self.mask_blur <= MAX_MASK_BLUR:
             raise UsageError(f"mask blur must be between 0 and {MAX_MASK_BLUR} pixels, got {self.mask_blur}")
-        layers = family.clip.num_hidden_layers if family is not None else None
-        if self.clip_skip < 1 or (layers is not None and self.clip_skip > layers):
-            most = f" and at most {layers} (the text encoder's layer count)" if layers is not None else ""
+        most_skip = family.max_clip_skip if family is not None else None
+        if self.clip_skip < 1 or (most_skip is not None and self.clip_skip > most_skip):
+            most = f" and at most {most_skip} (the text encoder's layer count)" if most_skip is not None else ""
             raise UsageError(f"clip skip must be 1 or more{most}, got {self.clip_skip}")
         for name, image in (("init image", self.init), ("mask", self.mask)):
             if image is not None and image.size != (self.width, self.height):

@@ -17,10 +17,10 @@ from sdcli.errors import UsageError
 class SamplerSpec:
     """A named sampler: the function `sdcli.samplers.<function>` with the grid it walks.
 
-    kind "sigma": fn(denoiser, x, sigmas) with sigmas from `schedules.make_sigmas(schedule, ...)`;
-    kind "timestep": fn(eps_model, x, timesteps, alphas_cumprod) with `schedules.ddim_timesteps`
-    (schedule "leading"). `calls_per_step` counts model evaluations per step (the last step of the
-    two-call samplers takes one); `stochastic` samplers add fresh noise from the image's generator.
+    Every sampler is `fn(denoiser, x, sigmas)` with sigmas from `schedules.make_sigmas(schedule, ...)`: kind
+    "sigma" walks a k-diffusion grid, kind "timestep" the sigmas of training timesteps (DDIM, DDPM).
+    `calls_per_step` counts model evaluations per step (the last step of the two-call samplers takes one);
+    `stochastic` samplers add fresh noise from the image's generator.
     """
 
     name: str
@@ -66,7 +66,7 @@ def _build_registry() -> dict[str, SamplerSpec]:
                 SamplerSpec(name + suffix, display + label, function, schedule, "sigma", calls, stochastic, method)
             )
     specs.append(SamplerSpec("ddim", "DDIM", "sample_ddim", "leading", "timestep", 1, False, "DDIM, eta 0"))
-    specs.append(SamplerSpec("ddpm", "DDPM", "sample_ddpm", "leading", "timestep", 1, True, "ancestral DDPM"))
+    specs.append(SamplerSpec("ddpm", "DDPM", "sample_ddpm", "leading_to_zero", "timestep", 1, True, "ancestral DDPM"))
     return {spec.name: spec for spec in specs}
 
 

@@ -1,16 +1,15 @@
 """Samplers as pure functions, in k-diffusion's contract.
 
-Sigma samplers: `sample_x(denoiser, x, sigmas, *, generator=None, callback=None) -> x`, where
+Every sampler: `sample_x(denoiser, x, sigmas, *, generator=None, callback=None) -> x`, where
 `denoiser(x, sigma) -> x0` takes sigma of shape (B,), `x` starts at noise level sigmas[0] and `sigmas`
-descends to 0 (see sdcli.schedules). Timestep samplers (DDIM, DDPM) take `eps_model(x, t) -> eps` with
-t an int64 tensor of shape (B,), a list of training steps and the model's alphas_cumprod.
+descends to 0, or for DDIM to the model's smallest sigma (see sdcli.schedules). DDIM and DDPM walk the
+sigmas of their training timesteps, so eps- and v-prediction are handled once, in the denoiser.
 
 Every sampler takes the same keywords: `generator`, `callback`, `noise_sampler` (deterministic ones ignore
 the first and last). Randomness comes only from `generator` -- one torch.Generator, or a list with one per
 batch item as in diffusers -- or from an explicit `noise_sampler(sigma, sigma_next) -> unit noise`, never
 from torch's global RNG, so an image is reproducible from its own seed. Noise is drawn on the generator's
-device and moved to x's, as diffusers' `randn_tensor` does. `callback` gets
-{"i", "x", "sigma" or "t", "denoised"}.
+device and moved to x's, as diffusers' `randn_tensor` does. `callback` gets {"i", "x", "sigma", "denoised"}.
 The step formulas mirror k-diffusion 0.1.1 and diffusers' schedulers term by term; the tests check parity.
 """
 
@@ -451,55 +450,54 @@ def sample_dpmpp_sde(
     return x
 
 
-def _timestep_noise(x: torch.Tensor, generator: Generators, noise_sampler: NoiseSampler | None, what: str):
-    if noise_sampler is not None:
-        return noise_sampler
-    if generator is None:
-        raise ValueError(f"{what} needs a torch.Generator (or a noise_sampler)")
-    return lambda t, t_prev: _randn(x, generator)
-
-
 @torch.no_grad()
 def sample_ddim(
-    eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    denoiser: Denoiser,
     x: torch.Tensor,
-    timesteps: Sequence[int] | torch.Tensor,
-    alphas_cumprod: torch.Tensor,
+    sigmas: torch.Tensor,
     *,
-    eta: float = 0.0,
     generator: Generators = None,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """DDIM: Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12 with sigma_t(eta) of eq. 16.
 
-    `x` is at timesteps[0] in the variance-preserving scale. Matches diffusers' DDIMScheduler with
-    set_alpha_to_one=False and clip_sample=False: each step goes to the next listed timestep and the
-    last one to alphas_cumprod[0] (diffusers computes t - 1000 // steps, the same for leading spacing).
-    With eta > 0, unit noise comes from `generator`, or from noise_sampler(t, t_prev) (0-d int64 tensors).
+    Written in our scaling, derived from the paper's variance-preserving one. With a = alphas_cumprod[t]
+    and sigma^2 = (1 - a) / a, the paper's x_t = sqrt(a) x0 + sqrt(1 - a) eps is x_t = sqrt(a) x, where
+    x = x0 + sigma eps (so x = x_t * sqrt(1 + sigma^2)). Eq. 12 from level a to a' (sigma to sigma'):
+        x_t' = sqrt(a') x0 + sqrt(1 - a' - std^2) eps + std z,  std^2 = eta^2 (1 - a')/(1 - a) (1 - a/a'),
+    divided by sqrt(a'):  x' = x0 + sigma_down eps + sigma_up z, with (r = sigma'^2 / sigma^2)
+        sigma_up^2 = std^2 / a' = eta^2 sigma'^2 (1 - r),  sigma_down^2 = (1 - a' - std^2) / a' = sigma'^2 - sigma_up^2,
+    where x0 = D(x, sigma) and eps = (x - x0) / sigma. With eta = 0 this is an Euler step; with eta = 1
+    it is DDPM's posterior (see sample_ddpm).
+
+    On the "leading" grid (schedules.make_sigmas) this is diffusers' DDIMScheduler with
+    set_alpha_to_one=False, clip_sample=False: the last step goes to step 0's sigma, so the result is x at
+    that small noise level (the caller scales it by 1 / sqrt(1 + sigma^2) to get diffusers' latents).
+    With eta > 0 every step draws unit noise (from `generator` or `noise_sampler(sigma, sigma_next)`).
     """
-    draw = _timestep_noise(x, generator, noise_sampler, "DDIM with eta > 0") if eta > 0 else None
-    steps = [int(t) for t in timesteps]
-    for i, t in enumerate(steps):
-        eps = eps_model(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device))
-        t_prev = steps[i + 1] if i + 1 < len(steps) else 0
-        alpha_t, alpha_prev = alphas_cumprod[t], alphas_cumprod[t_prev]
-        beta_t = 1 - alpha_t
-        denoised = (x - beta_t**0.5 * eps) / alpha_t**0.5
-        _report(callback, i, x, "t", t, denoised)
-        std = eta * ((1 - alpha_prev) / beta_t * (1 - alpha_t / alpha_prev)) ** 0.5
-        x = alpha_prev**0.5 * denoised + (1 - alpha_prev - std**2) ** 0.5 * eps
-        if draw is not None:
-            x = x + std * draw(torch.tensor(t), torch.tensor(t_prev))
+    noise_sampler = _noise_sampler(x, generator, noise_sampler, eta)
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma * s_in)
+        _report(callback, i, x, "sigma", sigma, denoised)
+        eps = (x - denoised) / sigma
+        keep = 1 - (sigma_next / sigma) ** 2  # 1 - r
+        sigma_up = eta * sigma_next * keep**0.5
+        sigma_down = sigma_next * (1 - eta**2 * keep) ** 0.5
+        x = denoised + sigma_down * eps
+        if eta and sigma_next > 0:
+            x = x + noise_sampler(sigma, sigma_next) * sigma_up
     return x
 
 
 @torch.no_grad()
 def sample_ddpm(
-    eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    denoiser: Denoiser,
     x: torch.Tensor,
-    timesteps: Sequence[int] | torch.Tensor,
-    alphas_cumprod: torch.Tensor,
+    sigmas: torch.Tensor,
     *,
     generator: Generators = None,
     callback: Callback | None = None,
@@ -507,28 +505,15 @@ def sample_ddpm(
 ) -> torch.Tensor:
     """Ancestral DDPM: Ho et al. 2020, Algorithm 2, on a strided subset of timesteps.
 
-    Posterior mean and "fixed_small" variance (eq. 6-7) between consecutive listed timesteps, the last
-    step going to alpha = 1, as diffusers' DDPMScheduler.step (clip_sample=False). A noise draw happens
-    at every step with t > 0, in diffusers' order, with the variance clamped at 1e-20 as there. Unit noise
-    comes from `generator`, or from noise_sampler(t, t_prev) (0-d int64 tensors, t_prev = -1 at the end).
+    The posterior q(x_t' | x_t, x0) with "fixed_small" variance (eq. 6-7) between consecutive levels is,
+    in our scaling (see sample_ddim's derivation), x' = x0 + (sigma'^2 / sigma) eps + sigma_up z with
+    sigma_up^2 = sigma'^2 (1 - sigma'^2 / sigma^2): exactly DDIM with eta = 1. On the "leading_to_zero"
+    grid this is diffusers' DDPMScheduler.step (clip_sample=False), whose last step goes to alpha = 1
+    (sigma 0: no noise; diffusers adds noise of std 1e-10 there, below float32 resolution).
+    Unit noise comes from `generator`, or from noise_sampler(sigma, sigma_next).
     """
-    draw = _timestep_noise(x, generator, noise_sampler, "DDPM")
-    steps = [int(t) for t in timesteps]
-    one = torch.ones((), dtype=alphas_cumprod.dtype, device=alphas_cumprod.device)
-    for i, t in enumerate(steps):
-        eps = eps_model(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device))
-        t_prev = steps[i + 1] if i + 1 < len(steps) else -1
-        alpha_t = alphas_cumprod[t]
-        alpha_prev = alphas_cumprod[t_prev] if t_prev >= 0 else one
-        beta_t, beta_prev = 1 - alpha_t, 1 - alpha_prev
-        step_alpha = alpha_t / alpha_prev
-        step_beta = 1 - step_alpha
-        denoised = (x - beta_t**0.5 * eps) / alpha_t**0.5
-        _report(callback, i, x, "t", t, denoised)
-        mean = (alpha_prev**0.5 * step_beta) / beta_t * denoised + step_alpha**0.5 * beta_prev / beta_t * x
-        if t > 0:
-            noise = draw(torch.tensor(t), torch.tensor(t_prev))
-            variance = torch.clamp((1 - alpha_prev) / (1 - alpha_t) * step_beta, min=1e-20)
-            mean = mean + variance**0.5 * noise
-        x = mean
-    return x
+    if generator is None and noise_sampler is None:
+        raise ValueError("DDPM needs a torch.Generator (or a noise_sampler)")
+    return sample_ddim(
+        denoiser, x, sigmas, generator=generator, callback=callback, noise_sampler=noise_sampler, eta=1.0
+    )

@@ -13,7 +13,9 @@ import torch
 
 from sdcli.errors import UsageError
 
-SCHEDULES = ("normal", "karras", "exponential")
+SCHEDULES = ("normal", "karras", "exponential", "leading", "leading_to_zero")
+# Grids of training timesteps whose samplers (LDM's and diffusers' DDIM, DDPM) start from unit-variance noise.
+TIMESTEP_SCHEDULES = ("leading", "leading_to_zero")
 
 
 def alphas_cumprod_sd(
@@ -94,13 +96,19 @@ def sigmas_exponential(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
 
 
 def make_sigmas(schedule: str, n: int, model_sigmas: torch.Tensor) -> torch.Tensor:
-    """The descending grid of `n` sigmas plus a final 0 for `schedule` ("normal", "karras", "exponential").
+    """The descending grid of `n` sigmas plus a final one for `schedule`, float32 on model_sigmas' device.
 
-    Karras and exponential grids span the model's own smallest and largest sigma, as A1111 does.
-    The result is float32 on model_sigmas' device.
+    "normal", "karras", "exponential" end at 0; karras and exponential grids span the model's own smallest
+    and largest sigma, as A1111 does. "leading" and "leading_to_zero" are the model's sigmas at the
+    training steps `ddim_timesteps(n)`. "leading" (DDIM) then ends at step 0's sigma, the model's smallest:
+    LDM's and diffusers' DDIM step last to alphas_cumprod[0] (set_alpha_to_one=False), so its result keeps
+    that little noise. "leading_to_zero" (DDPM) ends at 0: diffusers' DDPMScheduler steps last to alpha 1.
     """
     if schedule == "normal":
         return sigmas_normal(model_sigmas, n)
+    if schedule in TIMESTEP_SCHEDULES:
+        last = model_sigmas[:1] if schedule == "leading" else model_sigmas.new_zeros([1])
+        return torch.cat([model_sigmas[ddim_timesteps(n, len(model_sigmas)).to(model_sigmas.device)], last])
     # Python floats on purpose: k-diffusion and A1111 pass `.item()` values (see sigmas_karras).
     sigma_min, sigma_max = model_sigmas.min().item(), model_sigmas.max().item()
     if schedule == "karras":
@@ -120,3 +128,13 @@ def ddim_timesteps(steps: int, num_train_steps: int = 1000, steps_offset: int = 
         raise ValueError(f"steps must be between 1 and {num_train_steps}, got {steps}")
     step_ratio = num_train_steps // steps
     return (torch.arange(steps, dtype=torch.int64) * step_ratio).flip(0) + steps_offset
+
+
+def initial_noise_scale(schedule: str, sigma: torch.Tensor) -> torch.Tensor:
+    """The std of the pure noise sampling starts from at noise level `sigma` (x = noise * scale).
+
+    k-diffusion and A1111 start their grids at x = sigma * noise. LDM's and diffusers' DDIM and DDPM start
+    from unit-variance x_T in the variance-preserving scaling x_T = sqrt(a) x0 + sqrt(1 - a) eps; in ours
+    (x = x0 + sigma eps, sigma^2 = (1 - a) / a) that is x = x_T / sqrt(a) = x_T * sqrt(1 + sigma^2).
+    """
+    return (sigma**2 + 1) ** 0.5 if schedule in TIMESTEP_SCHEDULES else sigma

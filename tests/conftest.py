@@ -12,7 +12,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from sdcli.families import CLIP_PREFIX, SD1, UNET_PREFIX, VAE_PREFIX, ClipConfig, Family, UNetConfig, VAEConfig  # noqa: E402
-from sdcli.models.clip import ClipTextModel  # noqa: E402
 from sdcli.models.unet import UNetModel  # noqa: E402
 from sdcli.models.vae import AutoencoderKL  # noqa: E402
 
@@ -78,7 +77,12 @@ TINY_SD1 = Family(
         model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 0), num_heads=8, context_dim=128
     ),
     vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
-    clip=ClipConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
+    text_encoders=(
+        replace(
+            SD1.text_encoders[0],
+            config=ClipConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
+        ),
+    ),
 )
 TINY_SD1_INPAINT = replace(TINY_SD1, name="sd1-inpaint", unet=replace(TINY_SD1.unet, in_channels=9))
 
@@ -109,10 +113,12 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def tiny_state_dict(family: Family, seed: int = 0) -> dict[str, torch.Tensor]:
     """A full checkpoint in the original single-file layout, with random weights."""
+    from sdcli.text_encoders import build_text_encoder
+
     parts = (
         (UNET_PREFIX, randomize_(UNetModel(family.unet), seed)),
         (VAE_PREFIX, randomize_(AutoencoderKL(family.vae), seed + 1)),
-        (CLIP_PREFIX, randomize_(ClipTextModel(family.clip), seed + 2)),
+        *((s.prefix, randomize_(build_text_encoder(s), seed + 2 + i)) for i, s in enumerate(family.text_encoders)),
     )
     return {prefix + k: v.contiguous() for prefix, m in parts for k, v in m.state_dict().items()}
 

@@ -124,7 +124,7 @@ def reference_models_from_file(path: str, family) -> tuple[UNet2DConditionModel,
 
     unet = reference_unet(part(UNET_PREFIX), family.unet, family.vae)
     vae = reference_vae(part(VAE_PREFIX), family.unet, family.vae)
-    clip = reference_clip(part(CLIP_PREFIX), family.clip)
+    clip = reference_clip(part(CLIP_PREFIX), family.text_encoders[0].config)
     return unet, vae, clip
 
 

@@ -164,10 +164,35 @@ def test_missing_file_says_what_to_do(tmp_path):
         load_model(tmp_path / "absent.safetensors")
 
 
-def test_other_families_are_named_in_the_error():
-    with pytest.raises(CheckpointError, match="SDXL"):
-        detect({UNET_PREFIX + "input_blocks.0.0.weight": (320, 4, 3, 3), "conditioner.embedders.0.x": (1,)})
-    with pytest.raises(CheckpointError, match="SD 2"):
-        detect({UNET_PREFIX + "input_blocks.0.0.weight": (320, 4, 3, 3), "cond_stage_model.model.x": (1,)})
+def test_a_file_without_a_unet_is_named_in_the_error():  # other families: tests/test_families.py
     with pytest.raises(CheckpointError, match="no Stable Diffusion UNet"):
         detect({"encoder.weight": (3,)})
+
+
+def all_weights(model) -> dict[str, torch.Tensor]:
+    parts = ((UNET_PREFIX, model.unet), (VAE_PREFIX, model.vae), (CLIP_PREFIX, model.text_encoder))
+    return {prefix + k: v for prefix, module in parts for k, v in module.state_dict().items()}
+
+
+def test_load_patch_changes_exactly_the_weight_it_patches(tmp_path):
+    sd = {k: v.half() for k, v in tiny_state_dict(TINY_SD1).items()}  # fp16 in the file, fp32 in the model
+    path = write(tmp_path, sd)
+    target = UNET_PREFIX + "input_blocks.1.0.in_layers.2.weight"
+    seen = {}
+
+    def add_one(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        seen[key] = tensor.dtype
+        return tensor + 1 if key == target else tensor
+
+    plain, patched = load_model(path), load_model(path, patch=add_one)
+    assert set(seen) == set(sd) and set(seen.values()) == {torch.float16}  # every key, in the file's dtype
+    before, after = all_weights(plain), all_weights(patched)
+    assert set(before) == set(after) == set(sd)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == [target]
+    assert torch.equal(after[target], (sd[target] + 1).float())  # applied before the cast
+
+
+def test_load_patch_may_not_change_a_shape(tmp_path, tiny_checkpoint):
+    with pytest.raises(ValueError, match=r"changed .*time_embed\.0\.bias"):
+        load_model(tiny_checkpoint, patch=lambda key, t: t[:1] if key.endswith("time_embed.0.bias") else t)

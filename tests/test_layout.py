@@ -33,8 +33,8 @@ def test_sd15_vae_layout_matches_reference_conversion():
 
 
 def test_sd15_clip_layout_matches_reference_conversion():
-    sd = meta_state_dict(ClipTextModel, SD1.clip)
-    ref = reference_clip(sd, SD1.clip, device="meta")
+    sd = meta_state_dict(ClipTextModel, SD1.text_encoders[0].config)
+    ref = reference_clip(sd, SD1.text_encoders[0].config, device="meta")
     assert sum(v.numel() for v in sd.values()) == sum(p.numel() for p in ref.parameters())
 
 
@@ -44,7 +44,7 @@ def test_detect_reads_the_full_size_families_back_from_their_shapes():
         for prefix, cls, cfg in (
             (UNET_PREFIX, UNetModel, family.unet),
             (VAE_PREFIX, AutoencoderKL, family.vae),
-            (CLIP_PREFIX, ClipTextModel, family.clip),
+            (CLIP_PREFIX, ClipTextModel, family.text_encoders[0].config),
         ):
             shapes.update({prefix + k: tuple(v.shape) for k, v in meta_state_dict(cls, cfg).items()})
         assert detect(shapes) == family

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_cli, write_checkpoint
 
-from sdcli.families import ClipConfig, Family, UNetConfig, VAEConfig
+from sdcli.families import CLIP_PREFIX, ClipConfig, Family, TextEncoderSpec, UNetConfig, VAEConfig
 
 FAST = ["--steps", "3", "-W", "64", "-H", "64", "--seed", "3", "--sampler", "euler_a"]
 
@@ -55,7 +55,8 @@ MEDIUM = Family(
     unet=UNetConfig(model_channels=128, channel_mult=(1, 2, 4), num_res_blocks=1, transformer_depth=(1, 1, 0),
                     context_dim=256),
     vae=VAEConfig(ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1),
-    clip=ClipConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+    text_encoders=(TextEncoderSpec(CLIP_PREFIX, ClipConfig(hidden_size=256, intermediate_size=1024,
+                                                           num_hidden_layers=4, num_attention_heads=4)),),
 )  # fmt: skip
 
 MEASURE = textwrap.dedent(

@@ -47,7 +47,7 @@ def png_with(tmp_path: Path, parameters: str) -> Path:
         (["-W", "0"], "width must be a multiple of 8 and at least 64, got 0"),
         (["-W", "100000", "-H", "100000"], "megapixels"),
         (["--n", "1000000000"], "n must be between 1 and 10000"),
-        (["--clip-skip", "99"], f"at most {TINY_SD1.clip.num_hidden_layers}"),
+        (["--clip-skip", "99"], f"at most {TINY_SD1.max_clip_skip}"),
         (["--name", "{seed:>100000}"], "simple format"),
         (["--name", "{seed.__class__}"], "unknown field 'seed.__class__'"),
         (["--name", "{seed!r}"], "simple format"),

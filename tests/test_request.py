@@ -43,7 +43,7 @@ def test_validate_refuses_sizes_above_the_pixel_cap_before_any_work_and_names_th
 
 
 def test_validate_checks_clip_skip_against_the_models_text_encoder_depth():
-    layers = TINY_SD1.clip.num_hidden_layers
+    layers = TINY_SD1.max_clip_skip
     GenerationRequest("x", clip_skip=layers).validate(TINY_SD1)
     GenerationRequest("x", clip_skip=99).validate()  # without a model there is nothing to compare with
     with pytest.raises(UsageError, match=f"at most {layers}"):

@@ -45,7 +45,7 @@ def test_registry_specs_are_consistent():
             base = name.removesuffix("_karras").removesuffix("_exponential")
             assert SAMPLERS[base].fn is spec.fn and SAMPLERS[base].schedule == "normal"
         else:
-            assert spec.kind == "timestep" and spec.schedule == "leading"
+            assert spec.kind == "timestep" and spec.schedule in ("leading", "leading_to_zero")
     assert resolve_sampler("dpmpp_2m_karras").fn is samplers.sample_dpmpp_2m
     assert resolve_sampler("DPM++ 2M Karras").schedule == "karras"
     assert resolve_sampler("ddim").fn is samplers.sample_ddim and resolve_sampler("ddpm").kind == "timestep"

@@ -11,9 +11,10 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from kdiffusion_ref import load
 
 from sdcli import samplers
+from sdcli.denoiser import DiscreteDenoiser
 from sdcli.sampler_names import SAMPLERS
 from sdcli.samplers import lms_coefficient
-from sdcli.schedules import alphas_cumprod_sd, ddim_timesteps, make_sigmas, sigmas_from_alphas_cumprod
+from sdcli.schedules import alphas_cumprod_sd, make_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
 
 SHAPE = (2, 4, 6, 6)
 FEATURES = math.prod(SHAPE[1:])
@@ -182,34 +183,54 @@ def test_default_noise_is_brownian_consistent_within_a_step():
     assert (second * fresh).mean().item() == pytest.approx(0, abs=0.01)
 
 
-def _diffusers_loop(scheduler, x, steps, generator, **step_kwargs):
+def _diffusers_loop(scheduler, x, steps, generator, model=None, **step_kwargs):
     scheduler.set_timesteps(steps)
     seen = []
     for t in scheduler.timesteps:
         t_batch = torch.full((x.shape[0],), int(t), dtype=torch.int64)
         seen.append(int(t))
-        x = scheduler.step(toy_eps_model(x, t_batch), t, x, generator=generator, **step_kwargs).prev_sample
+        out = (model or toy_eps_model)(x, t_batch)
+        x = scheduler.step(out, t, x, generator=generator, **step_kwargs).prev_sample
     return x, seen
 
 
+def _timestep_run(sampler, model, alphas_cumprod, schedule, x_t, steps, prediction="eps", **kwargs):
+    """Our DDIM/DDPM on `model` (a noise- or v-predicting network of (x_t, t)), started from the
+    variance-preserving x_t as diffusers is, and the result brought back to that scaling: x = x_t * sqrt(1 +
+    sigma^2) (see sample_ddim). Returns (result, grid, callback records)."""
+    denoiser = DiscreteDenoiser(model, alphas_cumprod, prediction)
+    sigmas = make_sigmas(schedule, steps, denoiser.sigmas)
+    seen = []
+    x = sampler(denoiser, x_t * (1 + sigmas[0] ** 2) ** 0.5, sigmas, callback=seen.append, **kwargs)
+    return x / (1 + sigmas[-1] ** 2) ** 0.5, denoiser, seen
+
+
+def _assert_fp32_close(result: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 rounding: the same maths in another scaling rounds differently, by a few ulps of
+    the largest value per step (the toy model's x0 estimates reach tens)."""
+    scale = expected.abs().max().item()
+    assert (result - expected).abs().max().item() <= 2e-6 * max(scale, 1.0)
+
+
+def _assert_timesteps(seen, denoiser, expected_ts):
+    # The model saw exactly diffusers' training steps, as the sigmas of those steps.
+    assert set(seen[0]) == {"i", "x", "sigma", "denoised"}
+    assert [sigma_to_t(s["sigma"].view(1), denoiser.sigmas).item() for s in seen] == expected_ts
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_equals_diffusers_ddim_scheduler(eta):
-    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG, set_alpha_to_one=False)
+def test_ddim_equals_diffusers_ddim_scheduler(eta, prediction):
+    prediction_type = {"eps": "epsilon", "v": "v_prediction"}[prediction]
+    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG, set_alpha_to_one=False, prediction_type=prediction_type)
     x = _fixed(4, *SHAPE)
     expected, expected_ts = _diffusers_loop(scheduler, x, 10, torch.Generator().manual_seed(5), eta=eta)
-    seen = []
-    result = samplers.sample_ddim(
-        toy_eps_model,
-        x,
-        ddim_timesteps(10),
-        scheduler.alphas_cumprod,
-        eta=eta,
-        generator=torch.Generator().manual_seed(5),
-        callback=seen.append,
-    )
-    assert (result - expected).abs().max().item() < 1e-5
-    assert [s["t"] for s in seen] == expected_ts
-    assert set(seen[0]) == {"i", "x", "t", "denoised"}
+    result, denoiser, seen = _timestep_run(
+        samplers.sample_ddim, toy_eps_model, scheduler.alphas_cumprod, "leading", x, 10, prediction,
+        eta=eta, generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    _assert_fp32_close(result, expected)
+    _assert_timesteps(seen, denoiser, expected_ts)
 
 
 def test_ddim_with_ldm_alphas_cumprod_stays_close_to_diffusers():
@@ -217,7 +238,7 @@ def test_ddim_with_ldm_alphas_cumprod_stays_close_to_diffusers():
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG, set_alpha_to_one=False)
     x = _fixed(4, *SHAPE)
     expected, _ = _diffusers_loop(scheduler, x, 20, None)
-    result = samplers.sample_ddim(toy_eps_model, x, ddim_timesteps(20), alphas_cumprod_sd())
+    result, _, _ = _timestep_run(samplers.sample_ddim, toy_eps_model, alphas_cumprod_sd(), "leading", x, 20)
     assert (result - expected).abs().max().item() < 1e-4
 
 
@@ -225,24 +246,18 @@ def test_ddpm_equals_diffusers_ddpm_scheduler():
     scheduler = DDPMScheduler(**SD_SCHEDULER_CONFIG, variance_type="fixed_small")
     x = _fixed(4, *SHAPE)
     expected, expected_ts = _diffusers_loop(scheduler, x, 12, torch.Generator().manual_seed(6))
-    seen = []
-    result = samplers.sample_ddpm(
-        toy_eps_model,
-        x,
-        ddim_timesteps(12),
-        scheduler.alphas_cumprod,
+    result, denoiser, seen = _timestep_run(
+        samplers.sample_ddpm, toy_eps_model, scheduler.alphas_cumprod, "leading_to_zero", x, 12,
         generator=torch.Generator().manual_seed(6),
-        callback=seen.append,
-    )
-    assert (result - expected).abs().max().item() < 1e-5
-    assert [s["t"] for s in seen] == expected_ts
+    )  # fmt: skip
+    _assert_fp32_close(result, expected)
+    _assert_timesteps(seen, denoiser, expected_ts)
     # The same draws through a noise_sampler give the same result.
     draws = torch.Generator().manual_seed(6)
-    via_sampler = samplers.sample_ddpm(
-        toy_eps_model,
-        x,
-        ddim_timesteps(12),
-        scheduler.alphas_cumprod,
-        noise_sampler=lambda t, t_prev: torch.randn(SHAPE, generator=draws),
-    )
+    via_sampler, _, _ = _timestep_run(
+        samplers.sample_ddpm, toy_eps_model, scheduler.alphas_cumprod, "leading_to_zero", x, 12,
+        noise_sampler=lambda sigma, sigma_next: torch.randn(SHAPE, generator=draws),
+    )  # fmt: skip
     assert torch.equal(via_sampler, result)
+    with pytest.raises(ValueError, match="Generator"):
+        samplers.sample_ddpm(toy_denoiser, x, make_sigmas("leading_to_zero", 3, denoiser.sigmas))

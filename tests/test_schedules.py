@@ -11,6 +11,7 @@ from sdcli.errors import UsageError
 from sdcli.schedules import (
     alphas_cumprod_sd,
     ddim_timesteps,
+    initial_noise_scale,
     make_sigmas,
     sigma_to_t,
     sigmas_exponential,
@@ -110,3 +111,24 @@ def test_ddim_timesteps_rejects_bad_step_counts():
         ddim_timesteps(0)
     with pytest.raises(ValueError):
         ddim_timesteps(1001)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20])
+def test_leading_grids_are_the_sigmas_of_diffusers_timesteps(steps):
+    alphas_cumprod = alphas_cumprod_sd()
+    model_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
+    for schedule, scheduler, last in (
+        ("leading", DDIMScheduler(**SD_SCHEDULER_CONFIG, set_alpha_to_one=False), model_sigmas[0]),  # to step 0
+        ("leading_to_zero", DDPMScheduler(**SD_SCHEDULER_CONFIG), 0.0),  # to alpha = 1
+    ):
+        scheduler.set_timesteps(steps)
+        a = alphas_cumprod[scheduler.timesteps]
+        grid = make_sigmas(schedule, steps, model_sigmas)
+        assert torch.equal(grid[:-1], ((1 - a) / a) ** 0.5) and grid[-1].item() == pytest.approx(float(last))
+
+
+def test_initial_noise_is_unit_variance_in_vp_scaling_only_on_timestep_grids():
+    sigma = torch.tensor(14.6)
+    assert initial_noise_scale("leading", sigma).item() == pytest.approx((14.6**2 + 1) ** 0.5)
+    assert initial_noise_scale("leading_to_zero", sigma).item() == pytest.approx((14.6**2 + 1) ** 0.5)
+    assert initial_noise_scale("karras", sigma) is sigma
