@@ -1,0 +1,180 @@
+"""The few-step and higher-order samplers equal their references given the same denoiser, sigmas and noise:
+diffusers' LCMScheduler and TCDScheduler stepping the same model outputs.
+
+diffusers' schedulers work in the variance-preserving scale x_vp = x / sqrt(1 + sigma^2) on eps (or, for
+IPNDMScheduler, v) predictions, so the driver here converts: at each step x = x_vp sqrt(1 + sigma^2), x0 from
+the denoiser, eps = (x - x0) / sigma (v = (eps - sigma_vp x_vp) / alpha). Each run starts from the same unit
+noise (x_vp = noise, x = noise sqrt(1 + sigma_0^2)); stochastic ones draw from equal-seeded generators.
+No reference is re-typed here: every sampler has one in k-diffusion 0.1.1 or diffusers. Parity is max abs
+difference < 1e-5 in float32, except iPNDM (float64, < 1e-10; see its test).
+"""
+
+import math
+
+import pytest
+import torch
+from diffusers import (
+    LCMScheduler,
+    TCDScheduler,
+)
+
+from sdcli import samplers_fast
+from sdcli.schedules import alphas_cumprod_sd, make_sigmas, sigmas_from_alphas_cumprod
+
+SHAPE = (2, 4, 6, 6)
+FEATURES = math.prod(SHAPE[1:])
+SD_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def _fixed(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+MIXING = _fixed(11, FEATURES, FEATURES) * (1.5 / FEATURES**0.5)
+BIAS = _fixed(12, FEATURES) * 0.3
+
+
+def toy_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x0 = tanh(A x / sqrt(sigma^2 + 1) + b): nonlinear in x and sigma and mixing every feature."""
+    assert sigma.shape == (x.shape[0],)
+    flat = x.flatten(1) * ((sigma**2 + 1) ** -0.5)[:, None]
+    mixing, bias = MIXING.to(x.dtype), BIAS.to(x.dtype)
+    return torch.tanh(torch.stack([mixing @ row for row in flat]) + bias).view(x.shape)
+
+
+class ListNoise:
+    """Pre-drawn noises in order, so that two samplers see identical noise."""
+
+    def __init__(self, noises: list[torch.Tensor]) -> None:
+        self.noises, self.calls = noises, 0
+
+    def __call__(self, sigma, sigma_next) -> torch.Tensor:
+        self.calls += 1
+        return self.noises[self.calls - 1]
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def _drive(scheduler, sigmas, output, dtype=torch.float32, **step_kwargs) -> torch.Tensor:
+    """Run a diffusers scheduler from x_vp = unit noise, calling the denoiser at sigmas[i] for step i;
+    `output(eps, x_vp, i)` turns the implied eps into the scheduler's model output."""
+    x_vp = _fixed(3, *SHAPE).to(dtype)
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = sigmas[i]
+        x = x_vp * (1 + sigma**2) ** 0.5
+        eps = (x - toy_denoiser(x, sigma * torch.ones(SHAPE[0], dtype=dtype))) / sigma
+        x_vp = scheduler.step(output(eps, x_vp, i), t, x_vp, **step_kwargs).prev_sample
+    return x_vp
+
+
+def _start(sigma0, dtype=torch.float32) -> torch.Tensor:
+    return _fixed(3, *SHAPE).to(dtype) * (1 + sigma0**2) ** 0.5
+
+
+def _eps(eps, x_vp, i):
+    return eps
+
+
+def _model_sigmas(scheduler) -> torch.Tensor:
+    return sigmas_from_alphas_cumprod(scheduler.alphas_cumprod)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8, 50])
+def test_lcm_equals_diffusers_lcm_scheduler_with_its_boundary_condition(steps):
+    # LCMScheduler folds the consistency boundary condition (c_skip, c_out with timestep_scaling 10) into each
+    # step; in the D(x, sigma) contract that belongs to the denoiser, so ours gets the wrapped one.
+    scheduler = LCMScheduler(**SD_CONFIG)
+    scheduler.set_timesteps(steps)
+    model_sigmas = _model_sigmas(scheduler)
+    sigmas = make_sigmas("lcm", steps, model_sigmas)
+    assert torch.equal(sigmas[:-1], model_sigmas[scheduler.timesteps])
+    expected = _drive(scheduler, sigmas, _eps, generator=torch.Generator().manual_seed(5))
+    seen = []
+    wrapped = samplers_fast.lcm_boundary_condition(toy_denoiser, model_sigmas)
+    result = samplers_fast.sample_lcm(
+        wrapped, _start(sigmas[0]), sigmas, generator=torch.Generator().manual_seed(5), callback=seen.append
+    )
+    assert _max_diff(result, expected) < 1e-5
+    assert [s["i"] for s in seen] == list(range(steps))
+
+
+def test_lcm_boundary_condition_is_nearly_identity_above_step_0():
+    # For 4 steps (last timestep 259) the boundary condition moves x0 by ~1e-7: the plain denoiser matches too.
+    scheduler = LCMScheduler(**SD_CONFIG)
+    scheduler.set_timesteps(4)
+    sigmas = make_sigmas("lcm", 4, _model_sigmas(scheduler))
+    expected = _drive(scheduler, sigmas, _eps, generator=torch.Generator().manual_seed(5))
+    result = samplers_fast.sample_lcm(
+        toy_denoiser, _start(sigmas[0]), sigmas, generator=torch.Generator().manual_seed(5)
+    )
+    assert _max_diff(result, expected) < 1e-5
+    # At step 0 it is the identity skip: x0' = x_vp.
+    wrapped = samplers_fast.lcm_boundary_condition(toy_denoiser, _model_sigmas(scheduler))
+    x = _fixed(4, *SHAPE)
+    sigma = _model_sigmas(scheduler)[0] * torch.ones(SHAPE[0])
+    assert _max_diff(wrapped(x, sigma), x / (1 + sigma[0] ** 2) ** 0.5) < 1e-6
+
+
+def test_lcm_single_step_needs_no_generator_and_returns_x0():
+    sigmas = make_sigmas("lcm", 1, sigmas_from_alphas_cumprod(alphas_cumprod_sd()))
+    x = _start(sigmas[0])
+    assert torch.equal(samplers_fast.sample_lcm(toy_denoiser, x, sigmas), toy_denoiser(x, sigmas[:1].repeat(2)))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("steps", [1, 4, 8])
+def test_tcd_equals_diffusers_tcd_scheduler(gamma, steps):
+    scheduler = TCDScheduler(**SD_CONFIG)
+    scheduler.set_timesteps(steps)
+    model_sigmas = _model_sigmas(scheduler)
+    sigmas = make_sigmas("lcm", steps, model_sigmas)
+    expected = _drive(scheduler, sigmas, _eps, eta=gamma, generator=torch.Generator().manual_seed(6))
+    result = samplers_fast.sample_tcd(
+        toy_denoiser,
+        _start(sigmas[0]),
+        sigmas,
+        gamma=gamma,
+        model_sigmas=model_sigmas,
+        generator=torch.Generator().manual_seed(6),
+    )
+    assert _max_diff(result, expected) < 1e-5
+
+
+def test_tcd_default_gamma_and_model_schedule():
+    sigmas = make_sigmas("lcm", 4, sigmas_from_alphas_cumprod(alphas_cumprod_sd()))
+    x = _start(sigmas[0])
+    default = samplers_fast.sample_tcd(toy_denoiser, x, sigmas, generator=torch.Generator().manual_seed(1))
+    explicit = samplers_fast.sample_tcd(
+        toy_denoiser,
+        x,
+        sigmas,
+        gamma=0.3,
+        model_sigmas=sigmas_from_alphas_cumprod(alphas_cumprod_sd()),
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert torch.equal(default, explicit)
+    with pytest.raises(ValueError, match="gamma"):
+        samplers_fast.sample_tcd(toy_denoiser, x, sigmas, gamma=1.5)
+
+
+STOCHASTIC = [samplers_fast.sample_lcm, samplers_fast.sample_tcd]
+
+
+@pytest.mark.parametrize("sampler", STOCHASTIC, ids=lambda f: f.__name__)
+def test_stochastic_noise_comes_only_from_the_generator(sampler):
+    sigmas = make_sigmas("lcm", 4, sigmas_from_alphas_cumprod(alphas_cumprod_sd()))
+    x = _start(sigmas[0])
+    state = torch.random.get_rng_state()
+    first = sampler(toy_denoiser, x, sigmas, generator=torch.Generator().manual_seed(7))
+    again = sampler(toy_denoiser, x, sigmas, generator=torch.Generator().manual_seed(7))
+    other = sampler(toy_denoiser, x, sigmas, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+    with pytest.raises(ValueError, match="Generator"):
+        sampler(toy_denoiser, x, sigmas)
+    # One generator per batch item: an item's image does not depend on its batch.
+    batch = sampler(toy_denoiser, x, sigmas, generator=[torch.Generator().manual_seed(s) for s in (7, 8)])
+    alone = sampler(toy_denoiser, x[1:], sigmas, generator=[torch.Generator().manual_seed(8)])
+    assert torch.equal(batch[1:], alone)
