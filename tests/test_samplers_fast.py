@@ -1,5 +1,6 @@
 """The few-step and higher-order samplers equal their references given the same denoiser, sigmas and noise:
-diffusers' LCMScheduler and TCDScheduler stepping the same model outputs.
+k-diffusion's `sample_dpmpp_3m_sde`, and diffusers' LCMScheduler, TCDScheduler, UniPCMultistepScheduler,
+DEISMultistepScheduler and IPNDMScheduler stepping the same model outputs.
 
 diffusers' schedulers work in the variance-preserving scale x_vp = x / sqrt(1 + sigma^2) on eps (or, for
 IPNDMScheduler, v) predictions, so the driver here converts: at each step x = x_vp sqrt(1 + sigma^2), x0 from
@@ -14,9 +15,13 @@ import math
 import pytest
 import torch
 from diffusers import (
+    DEISMultistepScheduler,
+    IPNDMScheduler,
     LCMScheduler,
     TCDScheduler,
+    UniPCMultistepScheduler,
 )
+from kdiffusion_ref import load
 
 from sdcli import samplers_fast
 from sdcli.schedules import alphas_cumprod_sd, make_sigmas, sigmas_from_alphas_cumprod
@@ -79,6 +84,28 @@ def _eps(eps, x_vp, i):
 
 def _model_sigmas(scheduler) -> torch.Tensor:
     return sigmas_from_alphas_cumprod(scheduler.alphas_cumprod)
+
+
+@pytest.mark.parametrize("schedule,steps", [("normal", 12), ("karras", 15), ("exponential", 9)])
+def test_dpmpp_3m_sde_equals_kdiffusion(schedule, steps):
+    sampling, _ = load()
+    sigmas = make_sigmas(schedule, steps, sigmas_from_alphas_cumprod(alphas_cumprod_sd()))
+    x = _fixed(3, *SHAPE) * sigmas[0]
+    noises = [_fixed(100 + k, *SHAPE) for k in range(steps)]
+    ours_seen, reference_seen = [], []
+    ours_noise, reference_noise = ListNoise(noises), ListNoise(noises)
+    result = samplers_fast.sample_dpmpp_3m_sde(
+        toy_denoiser, x, sigmas, noise_sampler=ours_noise, callback=ours_seen.append
+    )
+    expected = sampling.sample_dpmpp_3m_sde(
+        toy_denoiser, x, sigmas, noise_sampler=reference_noise, callback=reference_seen.append, disable=True
+    )
+    assert _max_diff(result, expected) < 1e-5
+    assert ours_noise.calls == reference_noise.calls == steps - 1
+    assert [s["sigma"] for s in ours_seen] == [s["sigma"] for s in reference_seen]
+    deterministic = samplers_fast.sample_dpmpp_3m_sde(toy_denoiser, x, sigmas, eta=0.0)
+    expected = sampling.sample_dpmpp_3m_sde(toy_denoiser, x, sigmas, eta=0.0, disable=True)
+    assert _max_diff(deterministic, expected) < 1e-5
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8, 50])
@@ -159,7 +186,96 @@ def test_tcd_default_gamma_and_model_schedule():
         samplers_fast.sample_tcd(toy_denoiser, x, sigmas, gamma=1.5)
 
 
-STOCHASTIC = [samplers_fast.sample_lcm, samplers_fast.sample_tcd]
+@pytest.mark.parametrize("steps,karras", [(1, False), (2, False), (3, False), (6, False), (20, False), (8, True)])
+def test_uni_pc_equals_diffusers_unipc_scheduler(steps, karras):
+    scheduler = UniPCMultistepScheduler(**SD_CONFIG, use_karras_sigmas=karras)
+    assert scheduler.config.solver_type == "bh2" and scheduler.config.solver_order == 2
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.to(torch.float32)
+    assert sigmas[-1] == 0
+    expected = _drive(scheduler, sigmas, _eps)
+    calls = []
+
+    def counting(x, sigma):
+        calls.append(float(sigma[0]))
+        return toy_denoiser(x, sigma)
+
+    result = samplers_fast.sample_uni_pc(counting, _start(sigmas[0]), sigmas)
+    assert _max_diff(result, expected) < 1e-5
+    assert calls == sigmas[:-1].tolist()  # one model call per step: the corrector reuses it
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("steps,karras", [(1, False), (3, False), (6, False), (20, False), (10, True)])
+def test_deis_equals_diffusers_deis_scheduler(order, steps, karras):
+    scheduler = DEISMultistepScheduler(**SD_CONFIG, solver_order=order, use_karras_sigmas=karras)
+    scheduler.set_timesteps(steps)
+    # diffusers evaluates the logrho weights from its float32 sigmas, where the third-order ones lose about four
+    # digits to cancellation (~1e-4 in the image); given float64 sigmas it computes them as we do.
+    sigmas = scheduler.sigmas.to(torch.float32)
+    scheduler.sigmas = scheduler.sigmas.to(torch.float64)
+    expected = _drive(scheduler, sigmas, _eps)
+    result = samplers_fast.sample_deis(toy_denoiser, _start(sigmas[0]), sigmas, order=order)
+    # diffusers' DEIS stops at the smallest model sigma and returns x_vp there.
+    assert _max_diff(result / (1 + sigmas[-1] ** 2) ** 0.5, expected) < 1e-5
+
+
+def test_deis_to_sigma_zero_is_the_limit_of_small_final_sigmas():
+    # Ending at 0 uses the limits of the logrho weights (they vanish like rho log(rho)^2): a tiny final sigma
+    # gives almost the same image.
+    model_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod_sd())
+    sigmas = make_sigmas("karras", 20, model_sigmas)
+    x = _start(sigmas[0])
+    to_zero = samplers_fast.sample_deis(toy_denoiser, x, sigmas)
+    to_tiny = samplers_fast.sample_deis(toy_denoiser, x, torch.cat([sigmas[:-1], torch.tensor([1e-12])]))
+    assert torch.isfinite(to_zero).all()
+    assert _max_diff(to_zero, to_tiny) < 1e-6
+
+
+@pytest.mark.parametrize("schedule,steps", [("karras", 10), ("normal", 3), ("exponential", 7)])
+def test_ipndm_equals_diffusers_ipndm_scheduler(schedule, steps):
+    # IPNDMScheduler walks sigma_vp = betas, alpha = sqrt(1 - betas^2) (v-diffusion's angle schedule). Given our
+    # grid through trained_betas and v = (eps - sigma_vp x_vp) / alpha, it steps on eps = (x - x0) / sigma.
+    # Compared in float64: on these grids float32 rounding alone moves either result by ~1e-4 from the float64
+    # one (the toy model's tanh amplifies it), while in float64 the two agree to ~1e-13.
+    grid = make_sigmas(schedule, steps, sigmas_from_alphas_cumprod(alphas_cumprod_sd())).double()
+    scheduler = IPNDMScheduler(trained_betas=(grid / (1 + grid**2) ** 0.5).tolist())
+    scheduler.set_timesteps(steps)
+    scheduler.betas, scheduler.alphas = grid / (1 + grid**2) ** 0.5, (1 + grid**2) ** -0.5
+
+    def v(eps, x_vp, i):
+        return (eps - scheduler.betas[i] * x_vp) / scheduler.alphas[i]
+
+    expected = _drive(scheduler, grid, v, dtype=torch.float64)
+    result = samplers_fast.sample_ipndm(toy_denoiser, _start(grid[0], torch.float64), grid)
+    assert _max_diff(result, expected) < 1e-10
+
+
+def test_ipndm_steps_integrate_a_cubic_exactly_once_warmed_up():
+    # With x0 = x - sigma p(sigma) the ODE is dx/dsigma = p(sigma), whatever x. Four-step Adams-Bashforth
+    # integrates a cubic exactly over each equal step once four derivatives are known; the warm-up steps (lower
+    # orders) do not, so wrong weights at any order would show.
+    def p(s):
+        return 0.3 * s**3 - s**2 + 2 * s - 1
+
+    def integral(s):
+        return 0.075 * s**4 - s**3 / 3 + s**2 - s
+
+    sigmas = torch.linspace(4.0, 1.0, 13, dtype=torch.float64)
+    seen = []
+    result = samplers_fast.sample_ipndm(
+        lambda x, sigma: x - sigma.view(-1, 1) * p(sigma.view(-1, 1)),
+        torch.zeros(1, 1, dtype=torch.float64),
+        sigmas,
+        callback=seen.append,
+    )
+    xs = [s["x"].item() for s in seen] + [result.item()]
+    errors = [xs[i + 1] - xs[i] - (integral(sigmas[i + 1].item()) - integral(sigmas[i].item())) for i in range(12)]
+    assert all(abs(e) > 1e-4 for e in errors[:3])
+    assert all(abs(e) < 1e-12 for e in errors[3:])
+
+
+STOCHASTIC = [samplers_fast.sample_lcm, samplers_fast.sample_tcd, samplers_fast.sample_dpmpp_3m_sde]
 
 
 @pytest.mark.parametrize("sampler", STOCHASTIC, ids=lambda f: f.__name__)
@@ -178,3 +294,12 @@ def test_stochastic_noise_comes_only_from_the_generator(sampler):
     batch = sampler(toy_denoiser, x, sigmas, generator=[torch.Generator().manual_seed(s) for s in (7, 8)])
     alone = sampler(toy_denoiser, x[1:], sigmas, generator=[torch.Generator().manual_seed(8)])
     assert torch.equal(batch[1:], alone)
+
+
+def test_deterministic_samplers_ignore_the_generator():
+    sigmas = make_sigmas("karras", 6, sigmas_from_alphas_cumprod(alphas_cumprod_sd()))
+    x = _start(sigmas[0])
+    for sampler in (samplers_fast.sample_uni_pc, samplers_fast.sample_deis, samplers_fast.sample_ipndm):
+        plain = sampler(toy_denoiser, x, sigmas)
+        assert torch.equal(plain, sampler(toy_denoiser, x, sigmas, generator=torch.Generator().manual_seed(1)))
+        assert torch.isfinite(plain).all() and not torch.equal(plain, x)
