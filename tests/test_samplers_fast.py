@@ -7,7 +7,8 @@ IPNDMScheduler, v) predictions, so the driver here converts: at each step x = x_
 the denoiser, eps = (x - x0) / sigma (v = (eps - sigma_vp x_vp) / alpha). Each run starts from the same unit
 noise (x_vp = noise, x = noise sqrt(1 + sigma_0^2)); stochastic ones draw from equal-seeded generators.
 No reference is re-typed here: every sampler has one in k-diffusion 0.1.1 or diffusers. Parity is max abs
-difference < 1e-5 in float32, except iPNDM (float64, < 1e-10; see its test).
+difference < 1e-5 in float32, except iPNDM (float64, < 1e-10; see its test). The registry entries and the
+(sampler, schedule) pairs of `sdcli.sampler_names` are checked at the end.
 """
 
 import math
@@ -24,7 +25,9 @@ from diffusers import (
 from kdiffusion_ref import load
 
 from sdcli import samplers_fast
-from sdcli.schedules import alphas_cumprod_sd, make_sigmas, sigmas_from_alphas_cumprod
+from sdcli.errors import UsageError
+from sdcli.sampler_names import resolve_sampler, resolve_sampler_and_schedule
+from sdcli.schedules import SCHEDULES, alphas_cumprod_sd, make_sigmas, sigmas_from_alphas_cumprod
 
 SHAPE = (2, 4, 6, 6)
 FEATURES = math.prod(SHAPE[1:])
@@ -303,3 +306,57 @@ def test_deterministic_samplers_ignore_the_generator():
         plain = sampler(toy_denoiser, x, sigmas)
         assert torch.equal(plain, sampler(toy_denoiser, x, sigmas, generator=torch.Generator().manual_seed(1)))
         assert torch.isfinite(plain).all() and not torch.equal(plain, x)
+
+
+# The registry: names, display names and (sampler, schedule) pairs.
+
+FAST_NAMES = {
+    "lcm": ("LCM", samplers_fast.sample_lcm, "lcm"),
+    "tcd": ("TCD", samplers_fast.sample_tcd, "lcm"),
+    "uni_pc": ("UniPC", samplers_fast.sample_uni_pc, "normal"),
+    "uni_pc_bh2": ("UniPC", samplers_fast.sample_uni_pc, "normal"),
+    "dpmpp_3m_sde": ("DPM++ 3M SDE", samplers_fast.sample_dpmpp_3m_sde, "normal"),
+    "DPM++ 3M SDE Karras": ("DPM++ 3M SDE Karras", samplers_fast.sample_dpmpp_3m_sde, "karras"),
+    "dpmpp_3m_sde_exponential": ("DPM++ 3M SDE Exponential", samplers_fast.sample_dpmpp_3m_sde, "exponential"),
+    "deis": ("DEIS", samplers_fast.sample_deis, "normal"),
+    "ipndm": ("iPNDM", samplers_fast.sample_ipndm, "normal"),
+    "iPNDM Karras": ("iPNDM Karras", samplers_fast.sample_ipndm, "karras"),
+}
+
+
+@pytest.mark.parametrize("name", FAST_NAMES)
+def test_fast_samplers_are_registered(name):
+    display, fn, schedule = FAST_NAMES[name]
+    spec = resolve_sampler(name.upper())
+    assert (spec.display_name, spec.fn, spec.schedule, spec.kind) == (display, fn, schedule, "sigma")
+
+
+def test_schedule_overrides_the_samplers_grid():
+    assert resolve_sampler_and_schedule("euler") is resolve_sampler("euler")
+    spec = resolve_sampler_and_schedule("Euler a", "SGM Uniform")
+    assert (spec.name, spec.fn, spec.schedule) == ("euler_a", resolve_sampler("euler_a").fn, "sgm_uniform")
+    # A suffixed name stands for its base sampler once a schedule is given.
+    spec = resolve_sampler_and_schedule("dpmpp_2m_karras", "exponential")
+    assert (spec.name, spec.display_name, spec.schedule) == ("dpmpp_2m", "DPM++ 2M", "exponential")
+    assert resolve_sampler_and_schedule("lcm", "karras").schedule == "karras"
+    assert resolve_sampler_and_schedule("uni_pc", "trailing").name == "uni_pc"
+    assert resolve_sampler("dpmpp_2m_karras").schedule == "karras"  # the registry itself is unchanged
+    assert resolve_sampler_and_schedule("ddim", "leading") is resolve_sampler("ddim")
+
+
+def test_bad_schedules_are_usage_errors():
+    with pytest.raises(UsageError, match="unknown schedule 'linear'; valid schedules: normal, karras, .*, lcm"):
+        resolve_sampler_and_schedule("euler", "linear")
+    with pytest.raises(UsageError, match="ddim walks its own leading timesteps"):
+        resolve_sampler_and_schedule("ddim", "karras")
+    with pytest.raises(UsageError, match="unknown sampler"):
+        resolve_sampler_and_schedule("eular", "karras")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("name", ["lcm", "tcd", "uni_pc", "dpmpp_3m_sde", "deis", "ipndm"])
+def test_every_fast_sampler_runs_on_every_schedule(name, schedule):
+    spec = resolve_sampler_and_schedule(name, schedule)
+    sigmas = make_sigmas(spec.schedule, 4, sigmas_from_alphas_cumprod(alphas_cumprod_sd()))
+    result = spec.fn(toy_denoiser, _start(sigmas[0]), sigmas, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(result).all()
