@@ -67,7 +67,7 @@ def lcm_boundary_condition(
 
     def wrapped(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x0 = denoiser(x, sigma)
-        t = (sigma.log()[:, None] - log_sigmas[None, :]).abs().argmin(dim=1).to(x.dtype)
+        t = (sigma.log()[:, None] - log_sigmas.to(sigma.device)[None, :]).abs().argmin(dim=1).to(x.dtype)
         scaled = t * timestep_scaling
         c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
         c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
