@@ -65,8 +65,8 @@ def _build_registry() -> dict[str, SamplerSpec]:
             specs.append(
                 SamplerSpec(name + suffix, display + label, function, schedule, "sigma", calls, stochastic, method)
             )
-    specs.append(SamplerSpec("ddim", "DDIM", "sample_ddim", "leading", "timestep", 1, False, "DDIM, eta 0"))
-    specs.append(SamplerSpec("ddpm", "DDPM", "sample_ddpm", "leading_to_zero", "timestep", 1, True, "ancestral DDPM"))
+    specs.append(SamplerSpec("ddim", "DDIM", "sample_ddim", "ddim", "timestep", 1, False, "DDIM, eta 0"))
+    specs.append(SamplerSpec("ddpm", "DDPM", "sample_ddpm", "ddpm", "timestep", 1, True, "ancestral DDPM"))
     return {spec.name: spec for spec in specs}
 
 
@@ -89,3 +89,64 @@ def resolve_sampler(name: str) -> SamplerSpec:
             "(A1111 display names such as 'DPM++ 2M Karras' or 'Euler a' work too; `sdcli samplers` lists them)"
         )
     return SAMPLERS[_ALIASES[key]]
+
+
+# Few-step and higher-order samplers from `sdcli.samplers_fast`, under our names (also ComfyUI's) and display names.
+_FAST_SAMPLERS = (  # (our name, display name, function, default schedule, suffixed variants, model calls per step,
+    # stochastic, method)
+    ("lcm", "LCM", "sample_lcm", "lcm", False, 1, True, "latent consistency, multistep"),
+    ("tcd", "TCD", "sample_tcd", "lcm", False, 1, True, "trajectory consistency, gamma 0.3"),
+    ("uni_pc", "UniPC", "sample_uni_pc", "normal", True, 1, False, "UniPC bh2, order 2 with corrector"),
+    ("dpmpp_3m_sde", "DPM++ 3M SDE", "sample_dpmpp_3m_sde", "normal", True, 1, True, "DPM-Solver++(3M) SDE"),
+    ("deis", "DEIS", "sample_deis", "normal", True, 1, False, "DEIS logrho, order 3"),
+    ("ipndm", "iPNDM", "sample_ipndm", "normal", True, 1, False, "improved PNDM, order 4"),
+)
+# Other spellings users type: ComfyUI's name for UniPC bh2.
+_FAST_ALIASES = {"uni_pc_bh2": "uni_pc"}
+
+
+def _fast_specs() -> list[SamplerSpec]:
+    from sdcli import samplers_fast
+
+    specs = []
+    for name, display, function, schedule, suffixed, _calls, _stochastic, _method in _FAST_SAMPLERS:
+        fn = getattr(samplers_fast, function)
+        specs.append(SamplerSpec(name, display, fn, schedule, "sigma"))
+        if suffixed:
+            specs.append(SamplerSpec(f"{name}_karras", f"{display} Karras", fn, "karras", "sigma"))
+            specs.append(SamplerSpec(f"{name}_exponential", f"{display} Exponential", fn, "exponential", "sigma"))
+    return specs
+
+
+SAMPLERS.update({spec.name: spec for spec in _fast_specs()})
+_ALIASES.update({key.lower(): spec.name for spec in SAMPLERS.values() for key in (spec.name, spec.display_name)})
+_ALIASES.update(_FAST_ALIASES)
+
+
+def resolve_sampler_and_schedule(name: str, schedule: str | None = None) -> SamplerSpec:
+    """`resolve_sampler(name)`, with its grid replaced by `schedule` when one is given (our schedule names, any
+    case, spaces for underscores: "SGM Uniform"). A suffixed name then stands for its base sampler
+    ("dpmpp_2m_karras" with "exponential" is "dpmpp_2m" on the exponential grid). Timestep samplers (DDIM, DDPM)
+    walk their own timesteps and accept only their own schedule. Raises UsageError for unknown names."""
+    from dataclasses import replace
+
+    from sdcli.schedules import SCHEDULES
+
+    spec = resolve_sampler(name)
+    if schedule is None:
+        return spec
+    key = "_".join(schedule.split()).lower()
+    if key not in SCHEDULES:
+        raise UsageError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+    if spec.kind != "sigma":
+        if key == "leading":  # the spacing of their own timesteps
+            return spec
+        raise UsageError(
+            f"sampler {spec.name} walks its own leading timesteps and takes no other schedule; "
+            f"drop the schedule or choose a sigma sampler such as euler or dpmpp_2m for {key}"
+        )
+    for suffix in ("_karras", "_exponential"):
+        base = SAMPLERS.get(spec.name.removesuffix(suffix))
+        if spec.name.endswith(suffix) and base is not None and base.fn is spec.fn:
+            spec = base
+    return replace(spec, schedule=key)

@@ -472,7 +472,7 @@ def sample_ddim(
     where x0 = D(x, sigma) and eps = (x - x0) / sigma. With eta = 0 this is an Euler step; with eta = 1
     it is DDPM's posterior (see sample_ddpm).
 
-    On the "leading" grid (schedules.make_sigmas) this is diffusers' DDIMScheduler with
+    On the "ddim" grid (schedules.make_sigmas) this is diffusers' DDIMScheduler with
     set_alpha_to_one=False, clip_sample=False: the last step goes to step 0's sigma, so the result is x at
     that small noise level (the caller scales it by 1 / sqrt(1 + sigma^2) to get diffusers' latents).
     With eta > 0 every step draws unit noise (from `generator` or `noise_sampler(sigma, sigma_next)`).
@@ -507,7 +507,7 @@ def sample_ddpm(
 
     The posterior q(x_t' | x_t, x0) with "fixed_small" variance (eq. 6-7) between consecutive levels is,
     in our scaling (see sample_ddim's derivation), x' = x0 + (sigma'^2 / sigma) eps + sigma_up z with
-    sigma_up^2 = sigma'^2 (1 - sigma'^2 / sigma^2): exactly DDIM with eta = 1. On the "leading_to_zero"
+    sigma_up^2 = sigma'^2 (1 - sigma'^2 / sigma^2): exactly DDIM with eta = 1. On the "ddpm"
     grid this is diffusers' DDPMScheduler.step (clip_sample=False), whose last step goes to alpha = 1
     (sigma 0: no noise; diffusers adds noise of std 1e-10 there, below float32 resolution).
     Unit noise comes from `generator`, or from noise_sampler(sigma, sigma_next).

@@ -41,11 +41,11 @@ def test_registry_specs_are_consistent():
         assert isinstance(spec, SamplerSpec) and spec.name == name
         assert resolve_sampler(name.upper()) is spec
         if spec.kind == "sigma":
-            assert spec.schedule in ("normal", "karras", "exponential")
+            assert spec.schedule in ("normal", "karras", "exponential", "lcm")
             base = name.removesuffix("_karras").removesuffix("_exponential")
-            assert SAMPLERS[base].fn is spec.fn and SAMPLERS[base].schedule == "normal"
+            assert SAMPLERS[base].fn is spec.fn and SAMPLERS[base].schedule in ("normal", "lcm")
         else:
-            assert spec.kind == "timestep" and spec.schedule in ("leading", "leading_to_zero")
+            assert spec.kind == "timestep" and spec.schedule in ("ddim", "ddpm")
     assert resolve_sampler("dpmpp_2m_karras").fn is samplers.sample_dpmpp_2m
     assert resolve_sampler("DPM++ 2M Karras").schedule == "karras"
     assert resolve_sampler("ddim").fn is samplers.sample_ddim and resolve_sampler("ddpm").kind == "timestep"

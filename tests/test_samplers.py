@@ -226,7 +226,7 @@ def test_ddim_equals_diffusers_ddim_scheduler(eta, prediction):
     x = _fixed(4, *SHAPE)
     expected, expected_ts = _diffusers_loop(scheduler, x, 10, torch.Generator().manual_seed(5), eta=eta)
     result, denoiser, seen = _timestep_run(
-        samplers.sample_ddim, toy_eps_model, scheduler.alphas_cumprod, "leading", x, 10, prediction,
+        samplers.sample_ddim, toy_eps_model, scheduler.alphas_cumprod, "ddim", x, 10, prediction,
         eta=eta, generator=torch.Generator().manual_seed(5),
     )  # fmt: skip
     _assert_fp32_close(result, expected)
@@ -238,7 +238,7 @@ def test_ddim_with_ldm_alphas_cumprod_stays_close_to_diffusers():
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG, set_alpha_to_one=False)
     x = _fixed(4, *SHAPE)
     expected, _ = _diffusers_loop(scheduler, x, 20, None)
-    result, _, _ = _timestep_run(samplers.sample_ddim, toy_eps_model, alphas_cumprod_sd(), "leading", x, 20)
+    result, _, _ = _timestep_run(samplers.sample_ddim, toy_eps_model, alphas_cumprod_sd(), "ddim", x, 20)
     assert (result - expected).abs().max().item() < 1e-4
 
 
@@ -247,7 +247,7 @@ def test_ddpm_equals_diffusers_ddpm_scheduler():
     x = _fixed(4, *SHAPE)
     expected, expected_ts = _diffusers_loop(scheduler, x, 12, torch.Generator().manual_seed(6))
     result, denoiser, seen = _timestep_run(
-        samplers.sample_ddpm, toy_eps_model, scheduler.alphas_cumprod, "leading_to_zero", x, 12,
+        samplers.sample_ddpm, toy_eps_model, scheduler.alphas_cumprod, "ddpm", x, 12,
         generator=torch.Generator().manual_seed(6),
     )  # fmt: skip
     _assert_fp32_close(result, expected)
@@ -255,9 +255,9 @@ def test_ddpm_equals_diffusers_ddpm_scheduler():
     # The same draws through a noise_sampler give the same result.
     draws = torch.Generator().manual_seed(6)
     via_sampler, _, _ = _timestep_run(
-        samplers.sample_ddpm, toy_eps_model, scheduler.alphas_cumprod, "leading_to_zero", x, 12,
+        samplers.sample_ddpm, toy_eps_model, scheduler.alphas_cumprod, "ddpm", x, 12,
         noise_sampler=lambda sigma, sigma_next: torch.randn(SHAPE, generator=draws),
     )  # fmt: skip
     assert torch.equal(via_sampler, result)
     with pytest.raises(ValueError, match="Generator"):
-        samplers.sample_ddpm(toy_denoiser, x, make_sigmas("leading_to_zero", 3, denoiser.sigmas))
+        samplers.sample_ddpm(toy_denoiser, x, make_sigmas("ddpm", 3, denoiser.sigmas))

@@ -118,8 +118,8 @@ def test_leading_grids_are_the_sigmas_of_diffusers_timesteps(steps):
     alphas_cumprod = alphas_cumprod_sd()
     model_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
     for schedule, scheduler, last in (
-        ("leading", DDIMScheduler(**SD_SCHEDULER_CONFIG, set_alpha_to_one=False), model_sigmas[0]),  # to step 0
-        ("leading_to_zero", DDPMScheduler(**SD_SCHEDULER_CONFIG), 0.0),  # to alpha = 1
+        ("ddim", DDIMScheduler(**SD_SCHEDULER_CONFIG, set_alpha_to_one=False), model_sigmas[0]),  # to step 0
+        ("ddpm", DDPMScheduler(**SD_SCHEDULER_CONFIG), 0.0),  # to alpha = 1
     ):
         scheduler.set_timesteps(steps)
         a = alphas_cumprod[scheduler.timesteps]
@@ -129,6 +129,6 @@ def test_leading_grids_are_the_sigmas_of_diffusers_timesteps(steps):
 
 def test_initial_noise_is_unit_variance_in_vp_scaling_only_on_timestep_grids():
     sigma = torch.tensor(14.6)
-    assert initial_noise_scale("leading", sigma).item() == pytest.approx((14.6**2 + 1) ** 0.5)
-    assert initial_noise_scale("leading_to_zero", sigma).item() == pytest.approx((14.6**2 + 1) ** 0.5)
+    assert initial_noise_scale("ddim", sigma).item() == pytest.approx((14.6**2 + 1) ** 0.5)
+    assert initial_noise_scale("ddpm", sigma).item() == pytest.approx((14.6**2 + 1) ** 0.5)
     assert initial_noise_scale("karras", sigma) is sigma
