@@ -40,3 +40,22 @@ SDXL_UNET = UNetConfig(
     use_linear_in_transformer=True,
     adm_in_channels=2816,  # the `y` vector: bigG's pooled 1280 + six 256-wide size embeddings
 )
+
+
+@dataclass(frozen=True)
+class TaesdConfig:
+    """TAESD (madebyollin/taesd): conv + ReLU residual blocks of one width, no norms, no attention.
+
+    One stage per resolution: the encoder's first stage follows the input conv, each later one a stride-2
+    conv; the decoder's stages each end in a x2 upsample and conv, except the last. taesd (SD 1.x/2.x) and
+    taesdxl (SDXL) share these numbers; only their weights differ.
+    """
+
+    channels: int = 64
+    latent_channels: int = 4
+    image_channels: int = 3
+    encoder_blocks: tuple[int, ...] = (1, 3, 3, 3)  # blocks per stage, full resolution first
+    decoder_blocks: tuple[int, ...] = (3, 3, 3, 1)  # blocks per stage, latent resolution first
+
+
+TAESD = TaesdConfig()
