@@ -1,9 +1,12 @@
 # Torch is installed first and on its own: a CPU wheel by default on machines that have one on disk,
 # `make install TORCH=torch` for the normal (CUDA) build.
+# `make install` installs what running sdcli needs; `make test` adds the test extra (the reference implementations,
+# pytest, ruff) once. Stamp files in the venv remember what is installed: .installed (sdcli) and .test-installed.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 K_DIFFUSION ?= k-diffusion==0.1.1.post1
+PYTEST_ARGS ?=
 
 .PHONY: install test lint bench clean
 
@@ -13,20 +16,29 @@ $(PY):
 
 install: $(PY)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
-	# k-diffusion's declared dependencies pull torchvision and a CUDA torch; its sampling module needs none of them.
-	$(PY) -m pip install -q --no-deps "$(K_DIFFUSION)"
+	$(PY) -m pip install -q -e .
 	@touch $(VENV)/.installed
+	@echo 'sdcli is installed; try: $(VENV)/bin/sdcli txt2img "a sunset over mountains"'
 
 $(VENV)/.installed: pyproject.toml
 	$(MAKE) install
 
-test: $(VENV)/.installed
+# Order-only on .installed: a later `make install` does not make the test extra look stale.
+$(VENV)/.test-installed: pyproject.toml | $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test]"
+	# k-diffusion's declared dependencies pull torchvision and a CUDA torch; its sampling module needs none of them.
+	$(PY) -m pip install -q --no-deps "$(K_DIFFUSION)"
+	@touch $@
+
+lint: $(VENV)/.test-installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed
+# PYTEST_ARGS passes options on, e.g. `make test PYTEST_ARGS=--cpu-bf16=yes` (see README, "How correctness is tested").
+test: lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.test-installed
 	$(PY) bench/run.py
 
 clean:

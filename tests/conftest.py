@@ -5,12 +5,18 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+# No test depends on the user's settings: sdcli's own, the Hugging Face hub's (token, endpoint, caches, offline
+# mode; huggingface_hub reads them once, at import) or oneDNN's fp32 maths mode (which can run fp32 matmuls in bf16).
+for _name in [k for k in os.environ if k.startswith(("SDCLI_", "HF_")) or k == "ONEDNN_DEFAULT_FPMATH_MODE"]:
+    del os.environ[_name]
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
+os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"  # nor send a token saved by `hf auth login`
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from sdcli import devices  # noqa: E402
 from sdcli.families import CLIP_PREFIX, SD1, UNET_PREFIX, VAE_PREFIX, ClipConfig, Family, UNetConfig, VAEConfig  # noqa: E402
 from sdcli.models.unet import UNetModel  # noqa: E402
 from sdcli.models.vae import AutoencoderKL  # noqa: E402
@@ -85,6 +91,43 @@ TINY_SD1 = Family(
     ),
 )
 TINY_SD1_INPAINT = replace(TINY_SD1, name="sd1-inpaint", unet=replace(TINY_SD1.unet, in_channels=9))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cpu-bf16",
+        choices=("no", "yes"),
+        default="no",
+        help="what sdcli's native-bf16 CPU probe answers in tests that fake no machine of their own (default: no); "
+        "the suite must pass with either",
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own tmp_path plugin is configured
+def pytest_configure(config):
+    """The hub's cache and token folder under pytest's temporary folder, set before any test module imports
+    huggingface_hub (which reads HF_HOME once)."""
+    os.environ["HF_HOME"] = str(config._tmp_path_factory.mktemp("hf-home"))
+
+
+@pytest.fixture
+def fake_machine(monkeypatch):
+    """`fake_machine(cuda=, mps=, native_bf16=)` makes sdcli see that hardware for the rest of the test."""
+
+    def fake(*, cuda: bool = False, mps: bool = False, native_bf16: bool = False) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+        monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
+
+    return fake
+
+
+@pytest.fixture(autouse=True)
+def _same_machine_everywhere(fake_machine, pytestconfig):
+    """Every test sees the same machine whatever runs it: no GPU, and a CPU without native bf16 (with it under
+    --cpu-bf16=yes), so `--device auto` and `--dtype auto` choose alike on every machine. Tests that compare with
+    an fp32 reference pin fp32 anyway; the suite passes with either answer."""
+    fake_machine(native_bf16=pytestconfig.getoption("--cpu-bf16", "no") == "yes")
 
 
 def run_cli(*args, input: str | None = None):

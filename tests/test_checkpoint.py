@@ -26,7 +26,7 @@ def test_detect_reads_tiny_family_from_shapes(tiny_checkpoint):
 
 
 def test_load_ignores_extras_and_holds_the_file_weights(tiny_checkpoint):
-    model = load_model(tiny_checkpoint)
+    model = load_model(tiny_checkpoint, dtype=torch.float32)
     sd = tiny_state_dict(TINY_SD1)
     for prefix, module in ((UNET_PREFIX, model.unet), (VAE_PREFIX, model.vae), (CLIP_PREFIX, model.text_encoder)):
         for k, v in module.state_dict().items():

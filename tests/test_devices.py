@@ -1,10 +1,15 @@
-"""Device and precision choice: `auto` follows the hardware's native precision; bad names are usage errors."""
+"""Device and precision choice: `auto` follows the hardware's native precision; bad names are usage errors.
+
+Every machine here is faked (conftest's `fake_machine`), so these tests check the choice for a CPU with and without
+native bf16, a CUDA GPU and Apple MPS on whatever machine runs them.
+"""
 
 import pytest
 import torch
 from conftest import run_cli
 
-from sdcli import devices
+from sdcli import checkpoint, devices
+from sdcli.checkpoint import load_model
 from sdcli.devices import cpu_has_native_bf16, cpuinfo_flags, resolve_device, resolve_dtype, slow_dtype_note
 from sdcli.errors import UsageError
 
@@ -20,14 +25,41 @@ flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile
 EPYC_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma\n"
 
 
-@pytest.fixture
-def native_bf16(monkeypatch):
-    """Set what the CPU probe answers."""
+MACHINES = {
+    "cpu-native-bf16": ({"native_bf16": True}, CPU, torch.bfloat16),
+    "cpu-emulated-bf16": ({"native_bf16": False}, CPU, torch.float32),
+    "cuda": ({"cuda": True}, CUDA, torch.float16),
+    "cuda-on-native-bf16-cpu": ({"cuda": True, "native_bf16": True}, CUDA, torch.float16),
+    "mps": ({"mps": True}, MPS, torch.float16),
+}
 
-    def set_answer(value: bool) -> None:
-        monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: value)
 
-    return set_answer
+@pytest.mark.parametrize("machine", MACHINES)
+def test_auto_device_and_dtype_on_each_kind_of_machine(fake_machine, machine):
+    hardware, device, dtype = MACHINES[machine]
+    fake_machine(**hardware)
+    assert resolve_device("auto") == device
+    assert resolve_dtype("auto", device) == dtype
+    assert slow_dtype_note(dtype, device) is None  # auto never picks an emulated precision
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+def test_cli_loads_the_model_with_each_machine_s_auto_device_and_dtype(
+    fake_machine, monkeypatch, tiny_checkpoint, tmp_path, machine
+):
+    hardware, device, dtype = MACHINES[machine]
+    fake_machine(**hardware)
+    asked = []
+
+    def load_on_cpu(path, device, dtype, offload=False):
+        asked.append((device, dtype))
+        return load_model(path)  # the faked GPU cannot run: the image is made on the CPU in fp32
+
+    monkeypatch.setattr(checkpoint, "load_model", load_on_cpu)
+    result = run_cli("txt2img", "x", "-m", tiny_checkpoint, "--steps", 1, "-W", 64, "-H", 64, "-o", tmp_path / "a.png")
+    assert result.exit_code == 0, result.output
+    assert asked == [(device, dtype)]
+    assert "emulated" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -40,14 +72,14 @@ def native_bf16(monkeypatch):
         (CPU, False, torch.float32),
     ],
 )
-def test_auto_dtype_follows_device_and_cpu_bf16(native_bf16, device, has_bf16, expected):
-    native_bf16(has_bf16)
+def test_auto_dtype_follows_device_and_cpu_bf16(fake_machine, device, has_bf16, expected):
+    fake_machine(native_bf16=has_bf16)
     assert resolve_dtype("auto", device) == expected
 
 
 @pytest.mark.parametrize("name, expected", [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)])
-def test_named_dtype_is_taken_as_given(native_bf16, name, expected):
-    native_bf16(False)
+def test_named_dtype_is_taken_as_given(fake_machine, name, expected):
+    fake_machine(native_bf16=False)
     assert resolve_dtype(name, CPU) == expected
     assert resolve_dtype(name, CUDA) == expected
 
@@ -121,19 +153,19 @@ def test_cpuinfo_flags_collects_every_processor_and_arm_features():
     assert {"asimd", "bf16"} <= cpuinfo_flags("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
 
 
-def test_slow_dtype_note_only_for_emulated_cpu_precision(native_bf16):
-    native_bf16(False)
+def test_slow_dtype_note_only_for_emulated_cpu_precision(fake_machine):
+    fake_machine(native_bf16=False)
     assert "bf16" in slow_dtype_note(torch.bfloat16, CPU)
     assert "fp16" in slow_dtype_note(torch.float16, CPU)
     assert slow_dtype_note(torch.float32, CPU) is None
     assert slow_dtype_note(torch.float16, CUDA) is None
-    native_bf16(True)
+    fake_machine(native_bf16=True)
     assert slow_dtype_note(torch.bfloat16, CPU) is None
 
 
 @pytest.mark.parametrize("has_bf16", [False, True])
-def test_cli_warns_once_when_the_chosen_precision_is_emulated(native_bf16, tiny_checkpoint, tmp_path, has_bf16):
-    native_bf16(has_bf16)
+def test_cli_warns_once_when_the_chosen_precision_is_emulated(fake_machine, tiny_checkpoint, tmp_path, has_bf16):
+    fake_machine(native_bf16=has_bf16)
     args = ["txt2img", "x", "-m", str(tiny_checkpoint), "--steps", "1", "-W", "64", "-H", "64", "--dtype", "bf16"]
     result = run_cli(*args, "-o", tmp_path / "a.png")
     assert result.exit_code == 0, result.output

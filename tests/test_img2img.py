@@ -57,7 +57,7 @@ def test_img2img_ddim_equals_diffusers_img2img_pipeline(tiny_checkpoint, init_pn
     out = tmp_path / "out.png"
     result = run_cli(
         "img2img", PROMPT, "--init", init_png, "-m", tiny_checkpoint, "--steps", STEPS, "--cfg", CFG,
-        "--seed", SEED, "--sampler", "ddim", "--strength", strength, "-o", out,
+        "--seed", SEED, "--sampler", "ddim", "--strength", strength, "--dtype", "fp32", "-o", out,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
 
@@ -74,8 +74,9 @@ def test_img2img_ddim_equals_diffusers_img2img_pipeline(tiny_checkpoint, init_pn
 def test_strength_zero_returns_the_vae_round_trip(tiny_checkpoint, init_png, tmp_path):
     out = tmp_path / "zero.png"
     result = run_cli(
-        "img2img", PROMPT, "--init", init_png, "-m", tiny_checkpoint, "--strength", 0, "--seed", SEED, "-o", out
-    )
+        "img2img", PROMPT, "--init", init_png, "-m", tiny_checkpoint, "--strength", 0, "--seed", SEED,
+        "--dtype", "fp32", "-o", out,
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     _, vae, _ = reference_models_from_file(tiny_checkpoint, TINY_SD1)
     image = torch.from_numpy(pixels(init_png)).float().permute(2, 0, 1)[None] * 2 - 1

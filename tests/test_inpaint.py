@@ -48,7 +48,7 @@ def test_inpaint_ddim_equals_diffusers_inpaint_pipeline(
     init, mask = images
     # Mask blur 0: diffusers binarises the mask it is given and has no feathering of its own.
     init_image, mask_image = load_inputs(init, mask, (None, None), mask_blur=0)
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, dtype=torch.float32)
     assert model.family.is_inpainting == (family is TINY_SD1_INPAINT)
     ours = generate(
         model,

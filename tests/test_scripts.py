@@ -178,7 +178,9 @@ def test_from_png_with_an_unknown_model_says_pass_model(tiny_checkpoint, tmp_pat
 
 
 def sdcli_process(*args, cwd) -> subprocess.Popen:
+    """sdcli in its own process. It does not see the machine conftest fakes, so device and precision are pinned."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = (*args, "--device", "cpu", "--dtype", "fp32")
     return subprocess.Popen(
         [sys.executable, "-m", "sdcli", *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,

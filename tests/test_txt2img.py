@@ -22,10 +22,11 @@ PROMPT, NEGATIVE, SEED, STEPS, CFG, SIZE = "a photo of a cat", "blurry", 1234, 6
 
 
 def generate(checkpoint: str, out: Path, sampler: str, *extra: str):
+    """The CLI's image in [0, 1], in fp32 like the references (see tests/test_bf16.py for bf16)."""
     result = run_cli(
         "txt2img", PROMPT, "-n", NEGATIVE, "-m", checkpoint, "-W", str(SIZE), "-H", str(SIZE),
         "--steps", str(STEPS), "--cfg", str(CFG), "--seed", str(SEED), "--sampler", sampler,
-        "-o", str(out), *extra,
+        "--dtype", "fp32", "-o", str(out), *extra,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
@@ -134,7 +135,7 @@ def test_parameters_chunk_parses_back_to_the_values_used(tiny_checkpoint, tmp_pa
 def test_several_images_use_consecutive_seeds_and_each_regenerates_alone(tiny_checkpoint, tmp_path):
     result = run_cli(
         "txt2img", PROMPT, "-m", tiny_checkpoint, "-W", "64", "-H", "64", "--steps", "3", "--seed", "7",
-        "--n", "3", "--batch-size", "2", "--sampler", "euler_a", "-o", str(tmp_path / "many.png"),
+        "--n", "3", "--batch-size", "2", "--sampler", "euler_a", "--dtype", "fp32", "-o", str(tmp_path / "many.png"),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     paths = [Path(p) for p in result.stdout.split()]
@@ -143,12 +144,12 @@ def test_several_images_use_consecutive_seeds_and_each_regenerates_alone(tiny_ch
     assert seeds == ["7", "8", "9"]
     alone = run_cli(
         "txt2img", PROMPT, "-m", tiny_checkpoint, "-W", "64", "-H", "64", "--steps", "3", "--seed", "8",
-        "--sampler", "euler_a", "-o", str(tmp_path / "alone.png"),
+        "--sampler", "euler_a", "--dtype", "fp32", "-o", str(tmp_path / "alone.png"),
     )  # fmt: skip
     assert alone.exit_code == 0, alone.output
     a = np.asarray(Image.open(paths[1]), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "alone.png"), dtype=np.int16)
-    assert np.abs(a - b).max() <= 1  # batched matmuls may round differently in the last bit
+    assert np.abs(a - b).max() <= 1  # batched fp32 matmuls may round differently in the last bit
 
 
 @pytest.mark.parametrize(
