@@ -53,8 +53,8 @@ def test_vae_table_maps_each_tiny_weight_onto_the_reference_weight(name):
 
 
 def test_clip_table_maps_each_tiny_weight_onto_the_reference_weight():
-    ours = randomize_(ClipTextModel(TINY_SD1.clip), seed=6).state_dict()
-    ref = reference_clip(ours, TINY_SD1.clip)
+    ours = randomize_(ClipTextModel(TINY_SD1.text_encoders[0].config), seed=6).state_dict()
+    ref = reference_clip(ours, TINY_SD1.text_encoders[0].config)
     assert_table_maps_onto(clip_table(), ours, clip_names_with_text_model(ref), same_values=True)
 
 
@@ -62,12 +62,12 @@ def test_tables_map_the_full_size_sd15_layout_one_to_one():
     with torch.device("meta"):
         unet = UNetModel(SD1.unet).state_dict()
         vae = AutoencoderKL(SD1.vae).state_dict()
-        clip = ClipTextModel(SD1.clip).state_dict()
+        clip = ClipTextModel(SD1.text_encoders[0].config).state_dict()
     ref_unet = reference_unet(unet, SD1.unet, SD1.vae, device="meta").state_dict()
     assert_table_maps_onto(unet_table(SD1.unet), unet, ref_unet, same_values=False)
     ref_vae = reference_vae(vae, SD1.unet, SD1.vae, device="meta").state_dict()
     assert_table_maps_onto(vae_table(SD1.vae), vae, ref_vae, same_values=False)
-    ref_clip = clip_names_with_text_model(reference_clip(clip, SD1.clip, device="meta"))
+    ref_clip = clip_names_with_text_model(reference_clip(clip, SD1.text_encoders[0].config, device="meta"))
     assert_table_maps_onto(clip_table(), clip, ref_clip, same_values=False)
 
 
@@ -82,7 +82,7 @@ def test_names_outside_the_tables_convert_to_none():
 def test_lora_aliases_give_every_full_size_module_distinct_kohya_and_diffusers_names():
     with torch.device("meta"):
         keys = [UNET_PREFIX + k for k in UNetModel(SD1.unet).state_dict()]
-        keys += [CLIP_PREFIX + k for k in ClipTextModel(SD1.clip).state_dict()]
+        keys += [CLIP_PREFIX + k for k in ClipTextModel(SD1.text_encoders[0].config).state_dict()]
     weights = [k for k in keys if k.endswith(".weight")]
     aliases = lora_aliases(lora_targets(SD1), weights)
     # Each weight has its own spellings: kohya in both layouts and the dotted diffusers name(s).

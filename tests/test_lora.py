@@ -87,7 +87,7 @@ def patched_state_dicts(checkpoint, patch):
         return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
     unet = reference_unet(part(UNET_PREFIX), TINY_SD1.unet, TINY_SD1.vae).state_dict()
-    clip = reference_clip(part(CLIP_PREFIX), TINY_SD1.clip).state_dict()
+    clip = reference_clip(part(CLIP_PREFIX), TINY_SD1.text_encoders[0].config).state_dict()
     return unet, clip
 
 

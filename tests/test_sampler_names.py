@@ -66,7 +66,7 @@ def _run_counting(spec, seed: int, steps: int = 4):
     """Run the sampler on a toy denoiser; return (model calls, result)."""
     import torch
 
-    from sdcli.schedules import alphas_cumprod_sd, ddim_timesteps, sigmas_karras
+    from sdcli.schedules import make_sigmas, sigmas_from_alphas_cumprod, sigmas_karras
 
     calls = 0
 
@@ -78,9 +78,12 @@ def _run_counting(spec, seed: int, steps: int = 4):
     x = torch.ones(1, 1, 2, 2)
     generator = torch.Generator().manual_seed(seed)
     if spec.kind == "timestep":
-        result = spec.fn(model, x, ddim_timesteps(steps), alphas_cumprod_sd(), generator=generator)
+        from sdcli.schedules import alphas_cumprod_sd
+
+        sigmas = make_sigmas(spec.schedule, steps, sigmas_from_alphas_cumprod(alphas_cumprod_sd()))
     else:
-        result = spec.fn(model, x, sigmas_karras(steps, 0.03, 14.6), generator=generator)
+        sigmas = sigmas_karras(steps, 0.03, 14.6)
+    result = spec.fn(model, x, sigmas, generator=generator)
     return calls, result
 
 
