@@ -524,7 +524,12 @@ def serve(
         raise UsageError(
             f"--host {host} listens beyond this machine: protect it with --api-auth or --token (or pass --insecure)"
         )
-    from sdcli.server import serve_forever
+    try:
+        from sdcli.server import serve_forever
+    except ModuleNotFoundError as error:
+        if error.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise SdcliError(f"sdcli serve needs {error.name}: pip install 'sdcli[serve]'") from None
 
     serve_forever(
         model, host=host, port=port, queue=queue, users=users, token=token, max_pixels=max_pixels,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import logging
 import re
 import secrets
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
@@ -572,8 +575,6 @@ def serve_forever(
 ) -> None:
     """Load the model, then serve until SIGINT/SIGTERM, which interrupts the job in flight, cancels those
     waiting (503), and lets the responses go out before the process exits."""
-    import uvicorn
-
     from sdcli.devices import resolve_device, resolve_dtype
     from sdcli.download import resolve_model
     from sdcli.weights import weights_dir as find_weights_dir
@@ -597,11 +598,20 @@ def serve_forever(
 
 def stopping_server(config, service: Service):
     """A uvicorn server whose exit signal also closes the generation queue (interrupt, cancel the rest)."""
-    import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             service.queue.close(timeout=0)
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own re-raises the signal once stopped, so the process would die of it: exit 0 instead.
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
 
     return Server(config)
