@@ -86,11 +86,16 @@ class Settings:
 
 class Models:
     """The one loaded model, and the models a request may name: files in the weights folder, and the one
-    the server was started with. Loading happens on the generation thread only."""
+    the server was started with. Loading happens on the generation thread only.
+
+    `selected` is the model of requests that name none (the startup model, or the last one set through
+    /options); a request naming another runs with it without changing `selected`, as A1111 restores its
+    settings after such a request. The model stays loaded until a request needs another."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.startup = settings.model.resolve()
+        self.selected = self.startup
         self.model: StableDiffusion | None = None
         self.clip_skip = DEFAULTS.clip_skip
         self._families: dict[Path, Family] = {}
@@ -127,11 +132,7 @@ class Models:
             if not is_out_of_memory(error):
                 raise
             raise ServerError(f"ran out of memory loading {path.name}", 507) from None
-        self.clip_skip = DEFAULTS.clip_skip
         return self.model
-
-    def current(self) -> Path:
-        return self.model.path.resolve() if self.model is not None else self.startup
 
     def title(self, path: Path, with_hash: bool = True) -> str:
         return f"{path.name} [{short_hash(path)}]" if with_hash else path.name
@@ -185,7 +186,7 @@ class Service:
             )
         overrides = payload.override_settings or {}
         checkpoint = overrides.get("sd_model_checkpoint")
-        model = self.models.find(checkpoint) if isinstance(checkpoint, str) and checkpoint else self.models.current()
+        model = self.models.find(checkpoint) if isinstance(checkpoint, str) and checkpoint else self.models.selected
         family = self.models.family(model)
         values: dict[str, Any] = {"prompt": payload.prompt, "negative": payload.negative_prompt}
         values["sampler"] = _sampler(payload)
@@ -420,8 +421,8 @@ def create_app(service: Service, log_json: bool = False) -> FastAPI:
         return await images(payload, "img2img")
 
     @app.get("/sdapi/v1/sd-models")
-    async def sd_models() -> list[dict]:
-        current = service.models.current()
+    def sd_models() -> list[dict]:  # not async: a hash not yet cached is computed (in a worker thread)
+        current = service.models.selected
         return [
             {"title": service.models.title(p, p == current), "model_name": p.stem,
              "hash": short_hash(p) if p == current else None, "sha256": None, "filename": p.name, "config": None}
@@ -438,10 +439,9 @@ def create_app(service: Service, log_json: bool = False) -> FastAPI:
                 for k in SCHEDULERS]  # fmt: skip
 
     @app.get("/sdapi/v1/options")
-    async def get_options() -> dict:
-        current = service.models.current()
+    def get_options() -> dict:
         return {
-            "sd_model_checkpoint": service.models.title(current),
+            "sd_model_checkpoint": service.models.title(service.models.selected),
             "CLIP_stop_at_last_layers": service.models.clip_skip,
         }
 
@@ -456,6 +456,7 @@ def create_app(service: Service, log_json: bool = False) -> FastAPI:
         def apply() -> None:
             if path is not None:
                 service.models.ensure(path)
+                service.models.selected = path
             if clip_skip is not None:
                 service.models.clip_skip = clip_skip
 

@@ -227,6 +227,11 @@ def test_the_model_switches_only_to_files_of_the_weights_folder(served, tiny_che
     response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL, "override_settings": {
         "sd_model_checkpoint": "other.safetensors [0123456789]"}})  # fmt: skip
     assert images_of(response) and json.loads(response.json()["info"])["sd_model_name"] == "other"
+    assert service.models.model.path.name == "other.safetensors"  # kept loaded, but not the default (as A1111)
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny-sd1.safetensors")
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL})
+    assert json.loads(response.json()["info"])["sd_model_name"] == "tiny-sd1"
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "other"}).status_code == 200
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("other.safetensors")
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sd1"}).status_code == 200
     assert service.models.model.path.name == "tiny-sd1.safetensors"
