@@ -241,6 +241,10 @@ class Service:
             raise ServerError("init_images holds more than one image: sdcli uses one init image per request")
         if payload.mask is None:
             return "img2img"
+        if (payload.model_extra or {}).get("inpaint_full_res"):
+            raise ServerError(
+                "unsupported field inpaint_full_res: sdcli inpaints the whole picture; send inpaint_full_res: false"
+            )
         values["mask"] = str(self._decoded(payload.mask, "mask", folder / "mask"))
         blur = payload.mask_blur
         if blur is None:

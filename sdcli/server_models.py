@@ -21,6 +21,7 @@ HARMLESS = (
     "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
     "hr_additional_modules", "inpaint_full_res_padding", "image_cfg_scale", "refiner_switch_at", "user",
     "subseed", "infotext_label", "s_tmin", "s_tmax",  # these two only bound s_churn, which must be 0
+    "inpaint_full_res",  # A1111's "only masked": refused by sdcli.server when a mask comes with it
 )  # fmt: skip
 
 
@@ -41,7 +42,6 @@ NEUTRAL: dict[str, Any] = {
     "infotext": lambda v: not v,
     "latent_mask": lambda v: not v,
     "mask_round": lambda v: v is None or v is True,
-    "inpaint_full_res": lambda v: not v,
     "subseed_strength": _is_zero,
     "seed_resize_from_h": lambda v: v is None or v <= 0,
     "seed_resize_from_w": lambda v: v is None or v <= 0,

@@ -178,6 +178,23 @@ def test_a1111_payload_examples_are_accepted(served, init_and_mask):
     assert len(images_of(client.post("/sdapi/v1/img2img", json=webuiapi))) == 1
 
 
+def test_an_unmodified_webuiapi_client_gets_images(tiny_checkpoint, tmp_path):
+    webuiapi = pytest.importorskip("webuiapi")
+    service = make_service(tiny_checkpoint, tmp_path, users={"ann": "s3cret"}, max_body=10_000_000)
+    with running(service) as client:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=client.base_url.port, sampler="Euler a", steps=2)
+        api.set_auth("ann", "s3cret")
+        made = api.txt2img(prompt="a cat", width=64, height=64, seed=3, n_iter=2)
+        assert [image.size for image in made.images] == [(64, 64)] * 2 and made.info["all_seeds"] == [3, 4]
+        init = Image.new("RGB", (64, 64), (200, 50, 50))
+        assert api.img2img(images=[init], prompt="x", width=64, height=64, seed=1).image.size == (64, 64)
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (10, 10, 40, 40))
+        inpainted = api.img2img(images=[init], mask_image=mask, prompt="x", width=64, height=64, inpaint_full_res=False)
+        assert "Mask blur: 4" in inpainted.info["infotexts"][0]
+        assert api.util_get_current_model() in api.util_get_model_names()
+
+
 def test_bad_requests_are_refused_with_a_reason_and_the_server_keeps_serving(served):
     client, _ = served
     cases = [
@@ -189,6 +206,7 @@ def test_bad_requests_are_refused_with_a_reason_and_the_server_keeps_serving(ser
         ({"json": {"prompt": "x", "override_settings": {"sd_vae": "x.pt"}}}, 422, "override_settings.sd_vae"),
         ({"json": {"prompt": "x", "sampler_name": "Euler a", "eta": 0.5}}, 422, "eta"),
         ({"json": {"prompt": "x", "scheduler": "Beta"}}, 422, "scheduler"),
+        ({"json": {"prompt": "x", "s_churn": 0.5}}, 422, "s_churn"),
         ({"json": {"prompt": "x", "sampler_name": "no such sampler"}}, 422, "unknown sampler"),
         ({"json": {"prompt": "x", "width": 4096, "height": 4096}}, 422, "--max-pixels"),
         ({"json": {"prompt": "x", "width": 60}}, 422, "multiple of 8"),
