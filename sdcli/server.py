@@ -39,7 +39,7 @@ from sdcli.families import Family, detect
 from sdcli.header import read_header
 from sdcli.jobs import Job
 from sdcli.progress import Report
-from sdcli.request import DEFAULTS, MAX_SEED, is_random_seed, random_seed
+from sdcli.request import DEFAULTS, is_random_seed, random_seed
 from sdcli.sampler_names import SAMPLERS, resolve_sampler, resolve_sampler_and_schedule
 from sdcli.server_models import (
     RESIZE_MODES,
@@ -202,14 +202,12 @@ class Service:
         if count > self.settings.max_images:
             raise ServerError(f"n_iter x batch_size is {count}: at most {self.settings.max_images} images a request")
         values["n"] = count
-        seed = random_seed() if is_random_seed(payload.seed) else payload.seed
-        if not 0 <= seed <= MAX_SEED:
-            raise ServerError(f"seed must be between 0 and {MAX_SEED}, or -1 for a random one; got {payload.seed}")
+        seed = random_seed() if is_random_seed(payload.seed) else payload.seed  # job_requests checks its range
         self._check_size(values.get("width"), values.get("height"), family)
         with tempfile.TemporaryDirectory(prefix="sdcli-serve-") as folder:
             if isinstance(payload, Img2ImgRequest):
                 command = self._image_values(payload, values, Path(folder))
-            elif family.is_inpainting:
+            if family.is_inpainting and command != "inpaint":
                 raise ServerError(f"{model.name} is an inpainting model: use /sdapi/v1/img2img with a mask")
             requests = job_requests(values, seed, family=family, max_images=self.settings.max_images)
         first = requests[0]
@@ -488,7 +486,11 @@ def create_app(service: Service, log_json: bool = False) -> FastAPI:
                 {"detail": "not authenticated"}, status_code=401, headers={"WWW-Authenticate": 'Basic realm="sdcli"'}
             )
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception:  # logged here, answered 500 by Starlette; the server goes on
+                _log_request(request, 500, time.monotonic() - started, log_json)
+                raise
         _log_request(request, response.status_code, time.monotonic() - started, log_json)
         return response
 

@@ -239,9 +239,13 @@ def test_listing_endpoints_speak_a1111(served):
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
 
 
-def test_the_model_switches_only_to_files_of_the_weights_folder(served, tiny_checkpoint):
+def test_the_model_switches_only_to_files_of_the_weights_folder(served, tiny_checkpoint, tiny_inpaint_checkpoint):
     client, service = served
     shutil.copy(tiny_checkpoint, service.settings.weights_dir / "other.safetensors")
+    shutil.copy(tiny_inpaint_checkpoint, service.settings.weights_dir / "inpainting.safetensors")
+    inpainting = {"prompt": "x", **SMALL, "override_settings": {"sd_model_checkpoint": "inpainting"}}
+    response = client.post("/sdapi/v1/txt2img", json=inpainting)
+    assert response.status_code == 422 and "inpainting model" in response.text
     response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL, "override_settings": {
         "sd_model_checkpoint": "other.safetensors [0123456789]"}})  # fmt: skip
     assert images_of(response) and json.loads(response.json()["info"])["sd_model_name"] == "other"
@@ -306,7 +310,7 @@ def test_interrupt_stops_the_job_in_flight(served):
     assert len(images_of(client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL}))) == 1
 
 
-def test_out_of_memory_is_507_and_the_server_keeps_serving(served, monkeypatch):
+def test_out_of_memory_is_507_a_bug_500_and_the_server_keeps_serving(served, monkeypatch):
     import sdcli.batch
 
     client, _ = served
@@ -318,6 +322,13 @@ def test_out_of_memory_is_507_and_the_server_keeps_serving(served, monkeypatch):
         patched.setattr(sdcli.batch, "generate", out_of_memory)
         response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL})
     assert response.status_code == 507 and "out of memory" in response.text
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sdcli.batch, "generate", broken)
+        assert client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL}).status_code == 500
     assert len(images_of(client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL}))) == 1
 
 
