@@ -493,9 +493,14 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 7860,
     queue: Annotated[int, typer.Option("--queue", min=1, help="Requests that may wait behind the one running.")] = 4,
     api_auth: Annotated[
-        str | None, typer.Option("--api-auth", help="HTTP basic credentials: user:password[,user2:password2].")
+        str | None,
+        typer.Option(
+            "--api-auth", envvar="SDCLI_API_AUTH", help="HTTP basic credentials: user:password[,user2:password2]."
+        ),
     ] = None,
-    token: Annotated[str | None, typer.Option("--token", help="Accept `Authorization: Bearer TOKEN`.")] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="SDCLI_API_TOKEN", help="Accept `Authorization: Bearer TOKEN`.")
+    ] = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Allow listening beyond loopback without authentication.")
     ] = False,

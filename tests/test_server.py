@@ -344,11 +344,16 @@ def test_authentication_basic_or_bearer(tiny_checkpoint, tmp_path):
         assert client.get("/health").status_code == 200  # for supervisors
 
 
-def test_serve_refuses_to_listen_beyond_loopback_without_auth():
-    result = run_cli("serve", "--host", "0.0.0.0", "--model", "whatever")
-    assert result.exit_code == 2
-    assert "--api-auth or --token" in result.output
-    assert "Traceback" not in result.output
+def test_serve_refuses_to_listen_beyond_loopback_without_auth(monkeypatch):
+    monkeypatch.delenv("SDCLI_API_AUTH", raising=False)
+    monkeypatch.delenv("SDCLI_API_TOKEN", raising=False)
+    for args, message in (
+        (("--host", "0.0.0.0"), "--api-auth or --token"),
+        (("--host", "::"), "--api-auth or --token"),
+        (("--api-auth", "ann"), "user:password pairs"),
+    ):
+        result = run_cli("serve", *args, "--model", "whatever")
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
