@@ -139,14 +139,36 @@ class Models:
 
 
 class ProgressReport(Report):
-    """The state of the job in flight, for GET /sdapi/v1/progress."""
+    """The state of the job in flight, for GET /sdapi/v1/progress: the last event, and the sampler's latest
+    prediction of the clean latents, for a preview."""
 
-    def __init__(self) -> None:
+    def __init__(self, xl: bool) -> None:
         super().__init__(summary=False)
         self.last: dict = {}
+        self.denoised: torch.Tensor | None = None
+        self.xl = xl
 
     def show(self, event: dict) -> None:
         self.last = event
+
+    def step(self, info: dict) -> None:
+        if info.get("denoised") is not None:
+            self.denoised = info["denoised"]
+        super().step(info)
+
+    def preview_png(self) -> str | None:
+        """The first image of the batch in flight as the latents now predict it (A1111's "Approx cheap"
+        preview, at latent resolution), base64 PNG; None before the first step."""
+        from sdcli.preview import SD_LATENT_RGB, SDXL_LATENT_RGB, approximate_rgb
+
+        latents = self.denoised
+        if latents is None:
+            return None
+        rgb = approximate_rgb(latents[:1].float().cpu(), SDXL_LATENT_RGB if self.xl else SD_LATENT_RGB)[0]
+        pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (h, w, 3)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 @dataclass
@@ -275,7 +297,7 @@ class Service:
     def generate(self, plan: Plan) -> dict:
         """Run a plan on the generation thread; the A1111 response body."""
         model = self.models.ensure(plan.model)
-        report = ProgressReport()
+        report = ProgressReport(xl=model.family.unet.adm_in_channels > 0)
         self.progress = report
         self.job_timestamp = time.strftime("%Y%m%d%H%M%S")
         self.command = plan.command
@@ -302,6 +324,7 @@ class Service:
                             failure = result.message
                 except Interrupted:
                     interrupted = True
+        self.progress = None  # nothing in flight: let the latents go
         if failure is not None and not images:
             raise ServerError(failure, 507 if "out of memory" in failure else 500)
         return self._response(plan, model, images, interrupted or stop())
@@ -327,7 +350,8 @@ class Service:
         encoded = [base64.b64encode(data).decode("ascii") for _, data in images] if send else []
         return {"images": encoded, "parameters": plan.payload, "info": json.dumps(info)}
 
-    def progress_body(self) -> dict:
+    def progress_body(self, with_image: bool = False) -> dict:
+        """A1111's progress answer; with the preview of the image in flight when `with_image`."""
         report = self.progress
         busy = self.queue.busy and report is not None
         fraction, eta, step, steps = 0.0, 0.0, 0, 0
@@ -341,7 +365,8 @@ class Service:
             "job_count": self.queue.waiting + (1 if busy else 0), "job_timestamp": self.job_timestamp,
             "job_no": report.written_count if busy else 0, "sampling_step": step, "sampling_steps": steps,
         }  # fmt: skip
-        return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": None, "textinfo": None}
+        image = report.preview_png() if busy and with_image else None
+        return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": image, "textinfo": None}
 
 
 def _sampler(payload: Txt2ImgRequest) -> str:
@@ -465,8 +490,8 @@ def create_app(service: Service, log_json: bool = False) -> FastAPI:
         await queued(apply)
 
     @app.get("/sdapi/v1/progress")
-    async def progress() -> dict:
-        return service.progress_body()
+    def progress(skip_current_image: bool = False) -> dict:  # not async: the preview is computed
+        return service.progress_body(with_image=not skip_current_image)
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt() -> dict:

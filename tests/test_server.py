@@ -302,6 +302,9 @@ def test_interrupt_stops_the_job_in_flight(served):
     wait_for_sampling(client)
     progress = client.get("/sdapi/v1/progress").json()
     assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 1000
+    preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+    assert preview.size == (8, 8)  # the latents' resolution
+    assert client.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["current_image"] is None
     assert client.post("/sdapi/v1/interrupt").json() == {"interrupted": True}
     thread.join()
     response = answer["r"]
