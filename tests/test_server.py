@@ -1,4 +1,5 @@
-"""`sdcli serve`: a real server on a loopback port, a real HTTP client (httpx), the tiny checkpoint in fp32.
+"""`sdcli serve` (sdcli.server, server_jobs, server_models, server_queue): a real server on a loopback port, a real
+HTTP client (httpx), the tiny checkpoint in fp32.
 
 The images must be the very bytes the CLI writes for the same settings: the server runs the CLI's own jobs.
 """
@@ -29,7 +30,8 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from sdcli.server import Service, Settings, create_app  # noqa: E402
+from sdcli.server import create_app  # noqa: E402
+from sdcli.server_jobs import Service, Settings  # noqa: E402
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 CLI_SMALL = ("-W", 64, "-H", 64, "--steps", 2, "--device", "cpu", "--dtype", "fp32", "--quiet", "--json")
