@@ -394,3 +394,29 @@ def test_sigterm_cancels_the_job_and_exits_cleanly(tiny_checkpoint, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_closing_the_queue_interrupts_the_job_and_cancels_the_waiting_ones():
+    from sdcli.server_queue import JobQueue, QueueClosed, QueueFull
+
+    jobs = JobQueue(1)
+    started, seen_stop = threading.Event(), threading.Event()
+
+    def running_job() -> str:
+        started.set()
+        while not jobs.interrupted():
+            time.sleep(0.01)
+        seen_stop.set()
+        return "stopped"
+
+    first = jobs.submit(running_job)
+    started.wait()
+    waiting = jobs.submit(lambda: "never")
+    with pytest.raises(QueueFull):
+        jobs.submit(lambda: "no room")
+    jobs.close()
+    assert first.result() == "stopped" and seen_stop.is_set()
+    with pytest.raises(QueueClosed):
+        waiting.result()
+    with pytest.raises(QueueClosed):
+        jobs.submit(lambda: "too late")
