@@ -250,13 +250,14 @@ def serve_forever(
         queue=queue, users=users, token=token, max_pixels=max_pixels, max_body=max_body,
     )  # fmt: skip
     service = Service(settings)
-    log.info(f"loading {settings.model.name} on {chosen.type} ({str(settings.dtype).removeprefix('torch.')})")
+    note = (lambda message: log.info(json.dumps({"message": message}))) if log_json else log.info
+    note(f"loading {settings.model.name} on {chosen.type} ({str(settings.dtype).removeprefix('torch.')})")
     service.load()
     config = uvicorn.Config(create_app(service, log_json), host=host, port=port, access_log=False, log_level="warning")
     server = stopping_server(config, service)
-    log.info(f"serving on http://{host}:{port} (AUTOMATIC1111 API at /sdapi/v1)")
+    note(f"serving on http://{host}:{port} (AUTOMATIC1111 API at /sdapi/v1)")
     server.run()
-    log.info("stopped")
+    note("stopped")
 
 
 def stopping_server(config, service: Service):

@@ -390,7 +390,11 @@ def test_sigterm_cancels_the_job_and_exits_cleanly(tiny_checkpoint, tmp_path):
         assert process.wait(timeout=120) == 0
         assert answer["r"].status_code == 200 and json.loads(answer["r"].json()["info"])["interrupted"] is True
         log = process.stderr.read()
-        assert '"path": "/sdapi/v1/txt2img", "status": 200' in log and "Traceback" not in log
+        records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]  # --log-json
+        assert {"client": "127.0.0.1", "method": "POST", "path": "/sdapi/v1/txt2img", "status": 200}.items() <= [
+            r for r in records if r.get("path") == "/sdapi/v1/txt2img"
+        ][0].items()
+        assert records[-1] == {"message": "stopped"} and "Traceback" not in log
     finally:
         if process.poll() is None:
             process.kill()
