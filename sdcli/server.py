@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -243,6 +244,7 @@ def serve_forever(
     from sdcli.weights import weights_dir as find_weights_dir
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    listener = _listen(host, port)  # before the model loads: a port in use is said at once
     folder = find_weights_dir(weights_dir)
     chosen = resolve_device(device)
     settings = Settings(
@@ -256,8 +258,22 @@ def serve_forever(
     config = uvicorn.Config(create_app(service, log_json), host=host, port=port, access_log=False, log_level="warning")
     server = stopping_server(config, service)
     note(f"serving on http://{host}:{port} (AUTOMATIC1111 API at /sdapi/v1)")
-    server.run()
+    server.run(sockets=[listener])
     note("stopped")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or SdcliError saying why not."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+    except OSError as error:
+        raise SdcliError(
+            f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port or --host"
+        ) from None
+    return listener
 
 
 def stopping_server(config, service: Service):
