@@ -243,8 +243,8 @@ def serve_forever(
     from sdcli.download import resolve_model
     from sdcli.weights import weights_dir as find_weights_dir
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     listener = _listen(host, port)  # before the model loads: a port in use is said at once
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     folder = find_weights_dir(weights_dir)
     chosen = resolve_device(device)
     settings = Settings(

@@ -350,7 +350,7 @@ def test_authentication_basic_or_bearer(tiny_checkpoint, tmp_path):
         assert client.get("/health").status_code == 200  # for supervisors
 
 
-def test_serve_refuses_to_listen_beyond_loopback_without_auth(monkeypatch):
+def test_serve_refuses_a_public_address_without_auth_and_a_port_in_use(monkeypatch):
     monkeypatch.delenv("SDCLI_API_AUTH", raising=False)
     monkeypatch.delenv("SDCLI_API_TOKEN", raising=False)
     for args, message in (
@@ -360,6 +360,11 @@ def test_serve_refuses_to_listen_beyond_loopback_without_auth(monkeypatch):
     ):
         result = run_cli("serve", *args, "--model", "whatever")
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_cli("serve", "--port", taken.getsockname()[1], "--model", "whatever")
+    assert result.exit_code == 1 and "cannot listen on 127.0.0.1" in result.output
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
