@@ -88,6 +88,10 @@ def create_app(service: Service, log_json: bool = False) -> FastAPI:
             for p in service.models.available()
         ]  # fmt: skip
 
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    async def refresh_checkpoints() -> None:
+        """Nothing to do: sd-models reads the weights folder on each call (A1111 clients call this)."""
+
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict]:
         return [{"name": s.display_name, "aliases": [s.name], "options": {}} for s in SAMPLERS.values()]

@@ -238,6 +238,7 @@ def test_listing_endpoints_speak_a1111(served):
     names = [s["name"] for s in client.get("/sdapi/v1/samplers").json()]
     assert {"Euler a", "DPM++ 2M Karras", "DDIM"} <= set(names)
     assert "karras" in [s["name"] for s in client.get("/sdapi/v1/schedulers").json()]
+    assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
     idle = client.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
 
