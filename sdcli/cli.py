@@ -481,3 +481,73 @@ def samplers(
 
 def main() -> None:
     app()
+
+
+@app.command()
+@reports_errors
+def serve(
+    model: Model = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; other than loopback needs --api-auth or --token.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 7860,
+    queue: Annotated[int, typer.Option("--queue", min=1, help="Requests that may wait behind the one running.")] = 4,
+    api_auth: Annotated[
+        str | None,
+        typer.Option(
+            "--api-auth", envvar="SDCLI_API_AUTH", help="HTTP basic credentials: user:password[,user2:password2]."
+        ),
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="SDCLI_API_TOKEN", help="Accept `Authorization: Bearer TOKEN`.")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow listening beyond loopback without authentication.")
+    ] = False,
+    max_pixels: Annotated[
+        int, typer.Option(min=4096, help="Largest image (width x height) a request may ask for.")
+    ] = 1024 * 1024,
+    max_body: Annotated[int, typer.Option(min=1024, help="Largest request body in bytes.")] = 50 * 1024 * 1024,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log one JSON object per request.")] = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    weights_dir: WeightsDir = None,
+) -> None:
+    """Keep a model loaded behind AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, ...)."""
+    from sdcli.errors import UsageError
+
+    users = {}
+    for pair in (api_auth or "").split(","):
+        if pair.strip():
+            user, sep, password = pair.strip().partition(":")
+            if not sep or not user or not password:
+                raise UsageError("--api-auth takes user:password pairs separated by commas")
+            users[user] = password
+    if token is not None and not token.strip():
+        raise UsageError("--token must not be empty")
+    if not (users or token or insecure or _is_loopback(host)):
+        raise UsageError(
+            f"--host {host} listens beyond this machine: protect it with --api-auth or --token (or pass --insecure)"
+        )
+    try:
+        from sdcli.server import serve_forever
+    except ModuleNotFoundError as error:
+        if error.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise SdcliError(f"sdcli serve needs {error.name}: pip install 'sdcli[serve]'") from None
+
+    serve_forever(
+        model, host=host, port=port, queue=queue, users=users, token=token, max_pixels=max_pixels,
+        max_body=max_body, log_json=log_json, device=device, dtype=dtype, weights_dir=weights_dir,
+    )  # fmt: skip
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
