@@ -64,6 +64,8 @@ def generate_command(command: str, opts: dict) -> int:
     run_seed_used = False  # by a job without a seed of its own (or -1)
     library = LoraLibrary(_lora_dir(opts), model_path, ignore_unknown=bool(opts.get("lora_ignore_unknown")))
     run_loras = [parse_lora_option(text) for text in opts.get("lora") or ()]
+    if opts.get("vae") is not None:  # a VAE file that cannot be used is refused before anything loads
+        _check_vae(Path(opts["vae"]))
     if png is not None and png.vae_name and not opts.get("vae"):
         warn(f"the image was made with the VAE {png.vae_name}: pass --vae FILE to use it too")
     accepted = []
@@ -238,6 +240,13 @@ def _family(path: Path):
     from sdcli.header import read_header
 
     return detect({key: info.shape for key, info in read_header(path).items()})
+
+
+def _check_vae(path: Path) -> None:
+    from sdcli.checkpoint import vae_file_infos
+    from sdcli.header import read_header
+
+    vae_file_infos(path, read_header(path))
 
 
 def _lora_dir(opts: dict) -> Path:

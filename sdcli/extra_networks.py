@@ -94,14 +94,14 @@ def parse_lora_option(text: str) -> LoraRef:
     """
     path, colon, weight = text.rpartition(":")
     try:
-        value = float(weight) if colon and path else None
+        value = float(weight) if colon else None
     except ValueError:
         value = None
     if value is None:
         path, value = text, 1.0
-    elif not math.isfinite(value):
+    if not math.isfinite(value):
         raise UsageError(f"--lora {text}: the weight must be a finite number")
     if not path:
-        raise UsageError("--lora needs a file: --lora FILE[:WEIGHT]")
+        raise UsageError(f"--lora {text!r}: give a file, --lora FILE[:WEIGHT]")
     file = Path(path).expanduser()
     return LoraRef(file.stem, value, value, file)
