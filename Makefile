@@ -28,6 +28,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+	$(PY) bench/lora.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
