@@ -5,6 +5,7 @@ The LoRA files are random kohya-ss files named from the reference pipeline's own
 """
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -105,10 +106,15 @@ def test_two_stacked_loras_and_the_png_parameters(peft, tiny_checkpoint, lora_di
 
     again = tmp_path / "again.png"
     result = run_cli(
-        "txt2img", "--from-png", out, "-m", tiny_checkpoint, "--lora-dir", lora_dir, "--dtype", "fp32", "-o", again
-    )
+        "txt2img", "--from-png", out, "-m", tiny_checkpoint, "--lora-dir", lora_dir, "--dtype", "fp32",
+        "-o", again, "--json",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "warning" not in result.stderr
+    record = json.loads(result.stdout)
+    assert [(r["name"], r["te"], r["unet"], r["hash"]) for r in record["loras"]] == [
+        ("detail", 0.8, -0.5, detail_hash), ("style", 0.6, 0.6, addnet_hash(style))
+    ]  # fmt: skip
     assert np.asarray(Image.open(again)).tobytes() == np.asarray(Image.open(out)).tobytes()
     assert parse_infotext(read_png_parameters(again))[0] == recorded
 
