@@ -40,6 +40,7 @@ test: lint
 
 bench: $(VENV)/.test-installed
 	$(PY) bench/run.py
+	$(PY) bench/lora.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -15,6 +15,7 @@ from PIL import Image
 from sdcli import __version__
 from sdcli.checkpoint import StableDiffusion
 from sdcli.errors import ImageError, SdcliError, UsageError
+from sdcli.extra_networks import strip_extra_networks
 from sdcli.images import (
     ResizeMode,
     feather_mask,
@@ -28,6 +29,7 @@ from sdcli.images import (
 )
 from sdcli.infotext import format_infotext
 from sdcli.jobs import Job
+from sdcli.lora_sets import infotext_name, lora_hash
 from sdcli.pipeline import generate
 from sdcli.request import DEFAULTS, MAX_SEED, MIN_SIDE, GenerationRequest
 from sdcli.sampler_names import resolve_sampler
@@ -153,6 +155,7 @@ def job_requests(
         clip_skip=values.get("clip_skip", DEFAULTS.clip_skip),
         strength=float(strength),
         mask_blur=values.get("mask_blur", 0) if mask else 0,
+        loras=tuple(values.get("loras", ())),
     )
     size = (default_size if width is None else width, default_size if height is None else height)
     GenerationRequest(**settings, width=size[0], height=size[1]).validate(family)  # before reading any image
@@ -170,8 +173,10 @@ def job_requests(
     return [first] + [replace(first, seed=first_seed + i) for i in range(1, n)]
 
 
-def infotext_parameters(request: GenerationRequest, model_hash: str, model_name: str) -> dict[str, object]:
-    """The A1111 infotext key/value line for one image, in A1111's order."""
+def infotext_parameters(
+    request: GenerationRequest, model_hash: str, model_name: str, vae: Path | None = None
+) -> dict[str, object]:
+    """The A1111 infotext key/value line for one image, in A1111's order; `vae`: the file of a VAE override."""
     params: dict[str, object] = {
         "Steps": request.steps,
         "Sampler": resolve_sampler(request.sampler).display_name,
@@ -181,23 +186,30 @@ def infotext_parameters(request: GenerationRequest, model_hash: str, model_name:
         "Model hash": model_hash,
         "Model": model_name,
     }
+    if vae is not None:
+        params.update({"VAE hash": short_hash(vae), "VAE": vae.name})
     if request.init is not None:
         params["Denoising strength"] = request.strength
     if request.mask is not None:
         params["Mask blur"] = request.mask_blur
     if request.clip_skip != 1:
         params["Clip skip"] = request.clip_skip
+    if request.loras:
+        params["Lora hashes"] = ", ".join(f"{infotext_name(r)}: {lora_hash(r.path)}" for r in request.loras)
     params["Version"] = f"sdcli {__version__}"
     return params
 
 
 def batches(planned: list[Planned], batch_size: int) -> Iterator[list[tuple[int, Planned]]]:
     """Images that can share a UNet call (same size, steps, sampler, ...), in groups of at most `batch_size`,
-    in the order their kind first appears; each image with its place in `planned`."""
+    in the order their kind first appears, those with the same LoRAs together (a switch re-reads weights);
+    each image with its place in `planned`."""
     groups: dict[tuple, list[tuple[int, Planned]]] = {}
+    lora_order: dict[tuple, int] = {}
     for index, item in enumerate(planned):
+        lora_order.setdefault(item.request.loras, len(lora_order))
         groups.setdefault(item.request.batch_key(), []).append((index, item))
-    for group in groups.values():
+    for group in sorted(groups.values(), key=lambda group: lora_order[group[0][1].request.loras]):
         for start in range(0, len(group), batch_size):
             yield group[start : start + batch_size]
 
@@ -226,6 +238,7 @@ def run(
     should_stop: Callable[[], object] = lambda: False,
     vae_tiling: bool | None = None,
     warn: Callable[[str], None] | None = None,
+    use_loras: Callable[[tuple], None] | None = None,
 ) -> Iterator[Written | Failed]:
     """Generate and write every planned image; yields each one written, or each job that failed, in the
     order of `planned` (images are batched by settings, and held back until those before them are out).
@@ -234,7 +247,7 @@ def run(
     whose pixels are not finite fails with NAN_MESSAGE instead of being written black; running out of
     memory fails the batch's jobs with advice. An `Interrupted` raised by `on_step` drops the batch in
     flight (nothing half-written), reports what was written, and propagates; `should_stop` is asked before
-    each batch.
+    each batch. `use_loras(loras)` is called before each batch to put its requests' LoRA set in the weights.
     """
     model_hash = short_hash(model.path)
     finished: dict[int, Written | Failed | None] = {}
@@ -256,6 +269,8 @@ def run(
         for chunk in batches(planned, batch_size):
             if should_stop():
                 break
+            if use_loras is not None:
+                use_loras(chunk[0][1].request.loras)
             finished.update(_make(model, chunk, model_hash, overwrite, on_step, vae_tiling, warn))
             yield from in_order()
     except Interrupted:
@@ -276,8 +291,9 @@ def _make(
     """Generate one batch and write its images; the result of each image, by its place in the plan."""
     started = time.monotonic()
     requests = [item.request for _, item in chunk]
-    try:
-        images = generate(model, requests, callback=on_step, vae_tiling=vae_tiling, warn=warn)
+    try:  # the text encoder sees the prompts without their <lora:...> tags
+        prompts = [replace(r, prompt=strip_extra_networks(r.prompt)) for r in requests]
+        images = generate(model, prompts, callback=on_step, vae_tiling=vae_tiling, warn=warn)
     except SdcliError as e:
         return _failed(chunk, str(e))
     except (MemoryError, RuntimeError) as e:
@@ -300,7 +316,7 @@ def _make(
         if request.mask is not None:
             image = paste_unmasked(image, request.init, request.mask)
         text = format_infotext(
-            request.prompt, request.negative, infotext_parameters(request, model_hash, model.path.stem)
+            request.prompt, request.negative, infotext_parameters(request, model_hash, model.path.stem, model.vae_path)
         )
         results[index] = Written(item, save_png(image, item.target, text, overwrite=overwrite), seconds)
     return results

@@ -12,15 +12,16 @@ import math
 import mmap
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sdcli.convert import vae_names_from_diffusers, vae_shape_from_diffusers
 from sdcli.errors import CheckpointError
 from sdcli.families import UNET_PREFIX, VAE_PREFIX, Family, detect
 from sdcli.header import TensorInfo, read_header
@@ -226,6 +227,7 @@ class StableDiffusion:
     dtype: torch.dtype = torch.float32
     offload: bool = False
     compiled_unet: Callable | None = None  # set by `compile_unet`; the UNet's forward otherwise
+    vae_path: Path | None = None  # the file the VAE came from, when not the checkpoint (`load_model(vae=...)`)
 
     @property
     def text_encoder(self) -> nn.Module:
@@ -275,6 +277,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     offload: bool = False,
     patch: Patch | None = None,
+    vae: str | os.PathLike | None = None,
 ) -> StableDiffusion:
     """Load a single-file SD checkpoint (.safetensors, original layout) for `device` in `dtype`.
 
@@ -286,6 +289,8 @@ def load_model(
     full checkpoint key and the file's tensor in the file's dtype, before the cast; what it returns (the
     same shape, any dtype) is loaded instead. It must return a new tensor rather than write into its
     argument, a read-only view of the file. One tensor at a time, so no second copy of the model is held.
+
+    `vae`: a single-file VAE to use instead of the checkpoint's (see `vae_file_infos` for the layouts).
     """
     device = torch.device(device)
     path = Path(path)
@@ -293,9 +298,73 @@ def load_model(
     family = detect({k: v.shape for k, v in infos.items()})
     conv_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     target = "cpu" if offload else device
+    vae_path = None if vae is None else Path(vae)
     with TensorReader(path) as reader:
-        *text_encoders, unet, vae = [
-            load_component(path, reader, infos, prefix, build, dtype, target, memory_format, patch)
+        *text_encoders, unet, vae_module = [
+            load_vae_file(vae_path, build, dtype, target, memory_format)
+            if vae_path is not None and prefix == VAE_PREFIX
+            else load_component(path, reader, infos, prefix, build, dtype, target, memory_format, patch)
             for prefix, build, memory_format in components(family, conv_format)
         ]
-    return StableDiffusion(family, tuple(text_encoders), unet, vae, path, device, dtype, offload)
+    return StableDiffusion(
+        family, tuple(text_encoders), unet, vae_module, path, device, dtype, offload, vae_path=vae_path
+    )
+
+
+# Keys a standalone VAE file may carry besides the network: the training loss's and the EMA's bookkeeping.
+VAE_EXTRA_PREFIXES = ("loss.", "model_ema.")
+VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def vae_file_infos(path: Path, infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """A VAE file's tensors under the checkpoint names of its VAE (`first_stage_model.` ...).
+
+    Layouts: a checkpoint's (`first_stage_model.` keys; other networks in the file are ignored), the
+    original one without the prefix (`encoder.down.0...`, as vae-ft-mse-840000), or diffusers'
+    (`encoder.down_blocks.0...`), renamed through `convert`. Only names and shapes change: the bytes are
+    read from the file as they are.
+    """
+    if any(key.startswith(VAE_PREFIX) for key in infos):
+        return infos
+    own = {k: v for k, v in infos.items() if not k.startswith(VAE_EXTRA_PREFIXES)}
+    if not any(key.startswith(VAE_PARTS) for key in own):
+        raise CheckpointError(f"{path}: not a VAE (no encoder./decoder. or first_stage_model. tensors)")
+    if not any(".down_blocks." in key or ".up_blocks." in key for key in own):
+        return {VAE_PREFIX + key: info for key, info in own.items()}
+    names, unknown = vae_names_from_diffusers(own)
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise CheckpointError(f"{path}: diffusers VAE tensors that match nothing: {shown}; is it a VAE?")
+    return {
+        VAE_PREFIX + ours: replace(own[key], shape=vae_shape_from_diffusers(ours, own[key].shape))
+        for key, ours in names.items()
+    }
+
+
+def load_vae_file(
+    path: Path,
+    build: Callable[[], nn.Module],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> nn.Module:
+    """A VAE from its own file (any layout `vae_file_infos` reads), loaded as a checkpoint's VAE is."""
+    infos = vae_file_infos(path, read_header(path))
+    with TensorReader(path) as reader:
+        return load_component(path, reader, infos, VAE_PREFIX, build, dtype, device, memory_format)
+
+
+@torch.no_grad()
+def reload_weights(model: StableDiffusion, keys: Iterable[str], patch: Patch | None) -> None:
+    """Read the checkpoint `keys` of a loaded model again from its file through `patch`, in place (the
+    tensors keep their identity, so a compiled UNet stays valid): how a new LoRA set replaces the last."""
+    infos = read_header(model.path)
+    prefixes = [prefix for prefix, _, _ in components(model.family)]
+    networks = dict(zip(prefixes, (*model.text_encoders, model.unet, model.vae), strict=True))
+    with TensorReader(model.path) as reader:
+        for key in sorted(keys):
+            prefix = next((p for p in prefixes if key.startswith(p)), None)
+            if prefix is None or (prefix == VAE_PREFIX and model.vae_path is not None):
+                raise ValueError(f"{key} is not a weight loaded from {model.path}")
+            weight = networks[prefix].get_parameter(key[len(prefix) :])
+            weight.copy_(reader.read(infos[key], weight.dtype, weight.device, patch=_bound(patch, key)))

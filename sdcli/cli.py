@@ -241,6 +241,27 @@ Name = Annotated[
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object per written image on stdout.")]
 MaxImages = Annotated[int, typer.Option(min=1, help="Refuse a run (or job) of more images than this.")]
 FailFast = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first bad prompt-file line or failed job.")]
+Lora = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--lora",
+        help="Merge a LoRA (.safetensors) into the model, at WEIGHT (default 1); repeatable. Prompts can also "
+        "ask for one by name: <lora:NAME:WEIGHT> or <lora:NAME:TE_WEIGHT:UNET_WEIGHT>.",
+        metavar="FILE[:WEIGHT]",
+        show_default=False,
+    ),
+]
+LoraDir = Annotated[
+    Path | None,
+    typer.Option(help="Where <lora:NAME:...> finds NAME.safetensors [default: loras/ in the weights folder]."),
+]
+LoraIgnoreUnknown = Annotated[
+    bool,
+    typer.Option("--lora-ignore-unknown", help="Skip LoRA tensors that match nothing in the model (else an error)."),
+]
+Vae = Annotated[
+    Path | None, typer.Option("--vae", help="Use this VAE file (original or diffusers layout) instead of the model's.")
+]
 Resize = Annotated[
     Literal["crop", "fit", "stretch"],
     typer.Option(help="Fitting the init image to the size: crop (cover, centre-crop), fit (pad), stretch."),
@@ -272,6 +293,10 @@ def txt2img(
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
+    lora: Lora = None,
+    lora_dir: LoraDir = None,
+    lora_ignore_unknown: LoraIgnoreUnknown = False,
+    vae: Vae = None,
     vae_tiling: VaeTiling = None,
     compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
@@ -316,6 +341,10 @@ def img2img(
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
+    lora: Lora = None,
+    lora_dir: LoraDir = None,
+    lora_ignore_unknown: LoraIgnoreUnknown = False,
+    vae: Vae = None,
     vae_tiling: VaeTiling = None,
     compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
@@ -365,6 +394,10 @@ def inpaint(
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
+    lora: Lora = None,
+    lora_dir: LoraDir = None,
+    lora_ignore_unknown: LoraIgnoreUnknown = False,
+    vae: Vae = None,
     vae_tiling: VaeTiling = None,
     compile_unet: Compile = False,
     weights_dir: WeightsDir = None,

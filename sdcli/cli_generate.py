@@ -28,6 +28,8 @@ def stderr(message: str) -> None:
 def generate_command(command: str, opts: dict) -> int:
     """Run one generating command with its parsed options; returns the exit code."""
     from sdcli.batch import Interrupted, Planned, Written, job_requests, run
+    from sdcli.extra_networks import parse_lora_option
+    from sdcli.lora_sets import ActiveLoras, LoraLibrary, check_recorded_hashes, parse_lora_hashes
     from sdcli.outputs import Namer, ensure_writable
     from sdcli.progress import progress_report
     from sdcli.request import DEFAULTS, is_random_seed, random_seed
@@ -60,6 +62,12 @@ def generate_command(command: str, opts: dict) -> int:
     defaults = {k: opts[k] for k in SETTINGS if opts.get(k) is not None}
     run_seed = random_seed() if is_random_seed(opts["seed"]) else opts["seed"]
     run_seed_used = False  # by a job without a seed of its own (or -1)
+    library = LoraLibrary(_lora_dir(opts), model_path, ignore_unknown=bool(opts.get("lora_ignore_unknown")))
+    run_loras = [parse_lora_option(text) for text in opts.get("lora") or ()]
+    if opts.get("vae") is not None:  # a VAE file that cannot be used is refused before anything loads
+        _check_vae(Path(opts["vae"]))
+    if png is not None and png.vae_name and not opts.get("vae"):
+        warn(f"the image was made with the VAE {png.vae_name}: pass --vae FILE to use it too")
     accepted = []
     offset = 0
 
@@ -75,6 +83,15 @@ def generate_command(command: str, opts: dict) -> int:
                 raise UsageError(f'{command} needs an init image: --init IMAGE (or "init" in the prompt file)')
             if command == "inpaint" and values.get("mask") is None:
                 raise UsageError('inpaint needs a mask: --mask MASK (or "mask" in the prompt file)')
+            # The job's LoRAs: its prompt's <lora:...> tags, then --lora, then the line's own; each must fit the
+            # model (LoraError naming the file) before anything loads.
+            line_loras = job.values.get("lora") or []
+            line_loras = [line_loras] if isinstance(line_loras, str) else line_loras
+            options = [*run_loras, *(parse_lora_option(text) for text in line_loras)]
+            values["prompt"], values["loras"] = library.resolve(values["prompt"], options)
+            library.patch(values["loras"])
+            if png is not None:
+                check_recorded_hashes(values["loras"], parse_lora_hashes(png.lora_hashes), warn)
             own_seed = job.values.get("seed")
             first_seed = run_seed + offset if is_random_seed(own_seed) else own_seed
             requests = job_requests(values, first_seed, warn, family=family, max_images=max_images)
@@ -102,8 +119,10 @@ def generate_command(command: str, opts: dict) -> int:
     if not planned:
         return 1
     ensure_writable(p.target.parent for p in planned)
+    first_loras = planned[0].request.loras  # the batches run LoRA set by set, the first job's first
     with report.loading(model_path.name):
-        model = _load(model_path, opts, warn)
+        model = _load(model_path, opts, warn, library.patch(first_loras))
+    loras = ActiveLoras(library, model, first_loras)
     model_hash = short_hash(model_path)
     if run_seed_used and is_random_seed(opts["seed"]) and not quiet:
         stderr(f"seed: {run_seed}")
@@ -119,9 +138,9 @@ def generate_command(command: str, opts: dict) -> int:
         try:
             for result in run(model, planned, batch_size=opts["batch_size"], overwrite=opts["overwrite"],
                               on_step=on_step, should_stop=stopped, vae_tiling=opts["vae_tiling"],
-                              warn=warn):  # fmt: skip
+                              warn=warn, use_loras=loras.use):  # fmt: skip
                 if isinstance(result, Written):
-                    record = _record(result, model_path.stem, model_hash)
+                    record = _record(result, model_path.stem, model_hash, model.vae_path)
                     sys.stdout.write((json.dumps(record) if opts["json"] else str(result.path)) + "\n")
                     sys.stdout.flush()
                     progress.written(result)
@@ -223,7 +242,22 @@ def _family(path: Path):
     return detect({key: info.shape for key, info in read_header(path).items()})
 
 
-def _load(path: Path, opts: dict, warn: Callable[[str], None]):
+def _check_vae(path: Path) -> None:
+    from sdcli.checkpoint import vae_file_infos
+    from sdcli.header import read_header
+
+    vae_file_infos(path, read_header(path))
+
+
+def _lora_dir(opts: dict) -> Path:
+    """Where prompts' LoRA names are looked up: --lora-dir, else `loras/` in the weights folder."""
+    from sdcli.weights import weights_dir
+
+    given = opts.get("lora_dir")
+    return Path(given).expanduser() if given else weights_dir(opts["weights_dir"]) / "loras"
+
+
+def _load(path: Path, opts: dict, warn: Callable[[str], None], patch=None):
     from sdcli.checkpoint import load_model
     from sdcli.devices import resolve_device, resolve_dtype, slow_dtype_note
     from sdcli.pipeline import compile_unet
@@ -232,16 +266,18 @@ def _load(path: Path, opts: dict, warn: Callable[[str], None]):
     dtype = resolve_dtype(opts["dtype"], device)
     if note := slow_dtype_note(dtype, device):
         warn(note)
-    model = load_model(path, device=device, dtype=dtype, offload=opts["low_memory"])
+    model = load_model(path, device=device, dtype=dtype, offload=opts["low_memory"], patch=patch, vae=opts.get("vae"))
     if opts["compile_unet"]:
         compile_unet(model, warn)
     return model
 
 
-def _record(result, model_name: str, model_hash: str) -> dict:
+def _record(result, model_name: str, model_hash: str, vae: Path | None = None) -> dict:
     """The JSON object --json prints for one written image: every setting that shapes the image."""
+    from sdcli.lora_sets import lora_hash
     from sdcli.request import DEFAULTS
     from sdcli.sampler_names import resolve_sampler
+    from sdcli.weights import short_hash
 
     r = result.planned.request
     settings = result.planned.settings
@@ -259,6 +295,13 @@ def _record(result, model_name: str, model_hash: str) -> dict:
         record.update(
             mask=str(settings.get("mask")), mask_blur=r.mask_blur, invert_mask=bool(settings.get("invert_mask"))
         )
+    if r.loras:
+        record["loras"] = [
+            {"name": ref.name, "path": str(ref.path), "te": ref.te, "unet": ref.unet, "hash": lora_hash(ref.path)}
+            for ref in r.loras
+        ]
+    if vae is not None:
+        record.update(vae=str(vae), vae_hash=short_hash(vae))
     if result.planned.job.line is not None:
         record["line"] = result.planned.job.line
     return record

@@ -216,30 +216,47 @@ def lora_aliases(targets: Iterable[LoraTarget], weight_keys: Iterable[str]) -> d
 VAE_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def vae_from_diffusers(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-    """A diffusers-layout VAE state dict (AutoencoderKL) in our names and shapes, and the keys that map to nothing.
+def vae_names_from_diffusers(keys: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """Our name for each key of a diffusers-layout VAE (AutoencoderKL), and the keys that map to nothing.
 
-    The level and res-block counts are read from the keys; the mid-block attention's Linear weights
-    become our 1x1 convolutions.
+    The level and res-block counts are read from the keys.
     """
+    keys = list(keys)
 
     def count(pattern: str) -> int:
         rx = re.compile(pattern)
-        return len({m.group(1) for k in state_dict if (m := rx.match(k))})
+        return len({m.group(1) for k in keys if (m := rx.match(k))})
 
     levels = count(r"encoder\.down_blocks\.(\d+)\.")
     res_blocks = count(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
     table = vae_table(VAEConfig(ch_mult=(1,) * levels, num_res_blocks=res_blocks))
-    converted, unknown = {}, []
-    for key, tensor in state_dict.items():
+    names, unknown = {}, []
+    for key in keys:
+        modern = key
         parts = key.rsplit(".", 2)
         if len(parts) == 3 and parts[1] in VAE_LEGACY_ATTENTION:
-            key = f"{parts[0]}.{VAE_LEGACY_ATTENTION[parts[1]]}.{parts[2]}"
-        ours = table.from_diffusers(key)
+            modern = f"{parts[0]}.{VAE_LEGACY_ATTENTION[parts[1]]}.{parts[2]}"
+        ours = table.from_diffusers(modern)
         if ours is None:
             unknown.append(key)
-            continue
-        if ".attn_1." in ours and ours.endswith(".weight") and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]  # Linear (C, C) -> 1x1 convolution (C, C, 1, 1)
-        converted[ours] = tensor
+        else:
+            names[key] = ours
+    return names, unknown
+
+
+def vae_shape_from_diffusers(ours: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of our tensor `ours` for a diffusers tensor of `shape`: the mid-block attention's Linear
+    weights (C, C) are our 1x1 convolutions (C, C, 1, 1), the same numbers."""
+    if ".attn_1." in ours and ours.endswith(".weight") and len(shape) == 2:
+        return (*shape, 1, 1)
+    return tuple(shape)
+
+
+def vae_from_diffusers(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """A diffusers-layout VAE state dict (AutoencoderKL) in our names and shapes, and the keys that map to nothing."""
+    names, unknown = vae_names_from_diffusers(state_dict)
+    converted = {
+        ours: state_dict[key].reshape(vae_shape_from_diffusers(ours, tuple(state_dict[key].shape)))
+        for key, ours in names.items()
+    }
     return converted, unknown

@@ -28,6 +28,7 @@ JOB_FIELDS: dict[str, tuple[type, ...]] = {
     "sampler": (str,),
     "n": (int,),
     "output": (str,),
+    "lora": (str, list),  # FILE[:WEIGHT], or a list of them, as --lora
 }
 IMAGE_JOB_FIELDS: dict[str, tuple[type, ...]] = {"init": (str,), "mask": (str,), "strength": (int, float)}
 
@@ -84,7 +85,7 @@ def parse_prompt_file(
 # AUTOMATIC1111's "Prompts from file" lines: `--prompt "a cat" --steps 30 --cfg_scale 7`.
 A1111_OPTIONS = {
     "prompt": "prompt", "negative_prompt": "negative", "seed": "seed", "steps": "steps", "cfg_scale": "cfg",
-    "width": "width", "height": "height", "sampler_name": "sampler", "n_iter": "n",
+    "width": "width", "height": "height", "sampler_name": "sampler", "n_iter": "n", "lora": "lora",
 }  # fmt: skip
 
 
@@ -123,6 +124,9 @@ def _options_job(line: str, allowed: dict[str, tuple[type, ...]]) -> dict[str, o
         if not words:
             raise UsageError(f"{option} needs a value")
         text = words.pop(0)
+        if key == "lora":  # repeatable, as on the command line
+            values.setdefault("lora", []).append(text)
+            continue
         try:
             values[key] = text if str in allowed[key] else (float(text) if float in allowed[key] else int(text))
         except ValueError:
@@ -145,6 +149,8 @@ def _json_job(line: str, allowed: dict[str, tuple[type, ...]]) -> dict[str, obje
         raise UsageError('no "prompt" field')
     for key, value in values.items():
         # bool is an int in Python, never a number in a job
+        if key == "lora" and isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise UsageError(f'field "lora" must be a string or a list of strings, got {json.dumps(value)}')
         if isinstance(value, bool) or not isinstance(value, allowed[key]):
             kind = " or ".join(t.__name__ for t in allowed[key])
             raise UsageError(f"field {key!r} must be {kind}, got {json.dumps(value)}")
@@ -158,6 +164,8 @@ class PngJob:
     job: Job
     model_name: str | None
     model_hash: str | None
+    lora_hashes: str | None = None  # A1111's "Lora hashes" value
+    vae_name: str | None = None
 
 
 def job_from_png(path: str) -> PngJob:
@@ -190,7 +198,10 @@ def job_from_png(path: str) -> PngJob:
         schedule = params.get("Schedule type", "")
         suffix = f" {schedule}" if schedule in ("Karras", "Exponential") else ""
         values["sampler"] = params["Sampler"] + suffix if not params["Sampler"].endswith(suffix) else params["Sampler"]
-    return PngJob(Job(values), plain_model_name(params.get("Model")), params.get("Model hash"))
+    return PngJob(
+        Job(values), plain_model_name(params.get("Model")), params.get("Model hash"), params.get("Lora hashes"),
+        params.get("VAE"),
+    )  # fmt: skip
 
 
 def plain_model_name(name: str | None) -> str | None:

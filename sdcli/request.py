@@ -18,6 +18,7 @@ from sdcli.errors import UsageError
 if TYPE_CHECKING:  # kept out of the import, so the command line reads DEFAULTS without loading torch
     from PIL import Image
 
+    from sdcli.extra_networks import LoraRef
     from sdcli.families import Family
     from sdcli.sampler_names import SamplerSpec
 
@@ -89,6 +90,7 @@ class GenerationRequest:
     mask: Image.Image | None = field(default=None, compare=False)
     strength: float = 1.0
     mask_blur: int = 0  # how the mask was feathered; recorded in the PNG's parameters
+    loras: tuple[LoraRef, ...] = ()  # merged into the weights while this request runs (`sdcli.lora_sets`)
 
     def validate(self, family: Family | None = None) -> SamplerSpec:
         """Check the numbers a user typed (and, given the model's `family`, that it can honour them); return
@@ -126,5 +128,5 @@ class GenerationRequest:
     def batch_key(self) -> tuple:
         return (
             self.width, self.height, self.steps, self.cfg, self.sampler.lower(), self.clip_skip,
-            self.init is None, self.mask is None, self.strength,
+            self.init is None, self.mask is None, self.strength, self.loras,
         )  # fmt: skip
