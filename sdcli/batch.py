@@ -191,6 +191,11 @@ def infotext_parameters(request: GenerationRequest, model_hash: str, model_name:
     return params
 
 
+def png_parameters(request: GenerationRequest, model_hash: str, model_name: str) -> str:
+    """The PNG "parameters" text an image is written with (what `--skip-existing` compares)."""
+    return format_infotext(request.prompt, request.negative, infotext_parameters(request, model_hash, model_name))
+
+
 def batches(planned: list[Planned], batch_size: int) -> Iterator[list[tuple[int, Planned]]]:
     """Images that can share a UNet call (same size, steps, sampler, ...), in groups of at most `batch_size`,
     in the order their kind first appears; each image with its place in `planned`."""
@@ -299,8 +304,9 @@ def _make(
         request = item.request
         if request.mask is not None:
             image = paste_unmasked(image, request.init, request.mask)
-        text = format_infotext(
-            request.prompt, request.negative, infotext_parameters(request, model_hash, model.path.stem)
-        )
-        results[index] = Written(item, save_png(image, item.target, text, overwrite=overwrite), seconds)
+        text = png_parameters(request, model_hash, model.path.stem)
+        try:
+            results[index] = Written(item, save_png(image, item.target, text, overwrite=overwrite), seconds)
+        except SdcliError as e:  # this image's file only: the other jobs still run
+            results.update(_failed([(index, item)], str(e)))
     return results
