@@ -63,9 +63,13 @@ def launch_from_env(environ: Mapping[str, str] = os.environ) -> Launch:
 
 
 def place(device: torch.device, launch: Launch) -> torch.device:
-    """The device of this process: its own GPU, `cuda:LOCAL_RANK`, when several processes share a node."""
+    """The device of this process: its own GPU, `cuda:LOCAL_RANK`, when several processes share a node.
+
+    Counted among the GPUs the process sees: when the launcher gives each process one GPU (Slurm's
+    --gpus-per-task=1 sets CUDA_VISIBLE_DEVICES per task) that GPU is cuda:0.
+    """
     if device.type == "cuda" and launch.distributed:
-        device = torch.device("cuda", launch.local_rank)
+        device = torch.device("cuda", launch.local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
     return device
 

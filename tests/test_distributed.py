@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from sdcli.distributed import Group, Launch, deal, joined, launch_from_env
+from sdcli.distributed import Group, Launch, deal, joined, launch_from_env, place
 from sdcli.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +70,18 @@ def test_torchrun_variables_win_over_slurm_ones():
 def test_bad_launcher_variables_are_refused(env):
     with pytest.raises(UsageError):
         launch_from_env(env)
+
+
+def test_each_process_uses_the_gpu_of_its_local_rank_among_those_it_sees(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert place(torch.device("cuda"), Launch(11, 16, 3)) == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU per task (--gpus-per-task=1)
+    assert place(torch.device("cuda"), Launch(11, 16, 3)) == torch.device("cuda", 0)
+    assert chosen == [torch.device("cuda", 3), torch.device("cuda", 0)]
+    assert place(torch.device("cpu"), Launch(1, 2, 1)) == torch.device("cpu")
+    assert place(torch.device("cuda"), Launch()) == torch.device("cuda")  # one process: as without a launcher
 
 
 def test_deal_gives_the_hand_derived_owners():
