@@ -101,7 +101,8 @@ class Group:
         if not self.launch.distributed:
             return list(values)
         tensor = torch.tensor(list(values), dtype=torch.int64, device=self.device)
-        torch.distributed.broadcast(tensor, src=0)
+        with self._lost_contact():
+            torch.distributed.broadcast(tensor, src=0)
         return tensor.tolist()
 
     def gather(self, values: Sequence[int]) -> list[list[int]]:
@@ -110,8 +111,17 @@ class Group:
             return [list(values)]
         mine = torch.tensor(list(values), dtype=torch.int64, device=self.device)
         every = [torch.empty_like(mine) for _ in range(self.launch.world_size)]
-        torch.distributed.all_gather(every, mine)
+        with self._lost_contact():
+            torch.distributed.all_gather(every, mine)
         return [t.tolist() for t in every]
+
+    @contextmanager
+    def _lost_contact(self) -> Iterator[None]:
+        try:
+            yield
+        except RuntimeError as e:  # a process ended early (killed, or failed before the report)
+            reason = " ".join(str(e).split())[:200]
+            raise SdcliError(f"process {self.launch.rank} lost contact with the others of the run: {reason}") from None
 
 
 @contextmanager
