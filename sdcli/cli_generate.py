@@ -138,7 +138,7 @@ def _generate_command(command: str, opts: dict, group) -> int:
     with report.loading(model_path.name):
         model = _load(model_path, opts, warn, launch)
     model_hash = short_hash(model_path)
-    if run_seed_used and is_random_seed(opts["seed"]) and not quiet:
+    if run_seed_used and is_random_seed(opts["seed"]) and not quiet and launch.rank == 0:
         stderr(f"seed: {run_seed}")
 
     dropped = False
