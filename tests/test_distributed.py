@@ -255,10 +255,10 @@ def _worker(parent: int, rank: int) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
 def test_killed_worker_then_skip_existing_completes_the_set(tmp_path, tiny_checkpoint):
-    # Costs [2, 2, 50, 50] dealt to 2 ranks: 2->r0, 3->r1, 0->r0, 1->r1. Each rank makes its short image
+    # Costs [2, 2, 100, 100] dealt to 2 ranks: 2->r0, 3->r1, 0->r0, 1->r1. Each rank makes its short image
     # first (its kind comes first in the plan), then its long one: rank 1 is killed outright right after its
     # short image is written, while it samples the long one; torchrun then stops rank 0 with SIGTERM.
-    lines = [{"prompt": "short", "n": 2}, {"prompt": "long", "n": 2, "steps": 50}]
+    lines = [{"prompt": "short", "n": 2}, {"prompt": "long", "n": 2, "steps": 100}]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps(line) for line in lines))
     out = tmp_path / "out"
