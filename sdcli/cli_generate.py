@@ -134,6 +134,8 @@ def _generate_command(command: str, opts: dict, group) -> int:
     global_index = {id(p): i for i, p in enumerate(planned)}
     owners = deal([sampling_steps(p.request) for p in todo], launch.world_size)
     mine = [p for p, owner in zip(todo, owners, strict=True) if owner == launch.rank]
+    if not mine:  # more processes than images left: this one only joins the report
+        return _final_report(group, 0, failures, sum(skipped), quiet)
     ensure_writable(p.target.parent for p in planned)
     with report.loading(model_path.name):
         model = _load(model_path, opts, warn, launch)

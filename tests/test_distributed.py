@@ -230,13 +230,16 @@ def test_slurm_variables_alone_partition_the_same_way(seven, tmp_path):
 
 
 def test_a_failing_line_on_one_rank_makes_every_rank_exit_1(tmp_path, tiny_checkpoint):
+    # Three images for four processes: ranks 0-2 make one each, rank 3 none (it only joins the report).
     lines = [{"prompt": "one"}, {"prompt": "two", "output": "x" * 300 + ".png"}, {"prompt": "three"}]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps(line) for line in lines))
-    ranks = _slurm_run((*GENERATE, "--model", tiny_checkpoint, "--prompt-file", prompts, "--outdir", tmp_path / "o"))
-    assert [r.returncode for r in ranks] == [1, 1], [r.stderr for r in ranks]
+    args = (*GENERATE, "--model", tiny_checkpoint, "--prompt-file", prompts, "--outdir", tmp_path / "o")
+    ranks = _slurm_run(args, ntasks=4)
+    assert [r.returncode for r in ranks] == [1, 1, 1, 1], [r.stderr for r in ranks]
     assert sum("p.jsonl line 2: cannot write" in r.stderr for r in ranks) == 1  # reported by its rank only
     assert "2 written, 0 skipped (already written), 1 failed" in ranks[0].stderr
+    assert "rank 1: 0 written, 1 failed; rank 2: 1 written, 0 failed; rank 3: 0 written, 0 failed" in ranks[0].stderr
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["00000-5.png", "00002-7.png"]
 
 
