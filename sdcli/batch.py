@@ -200,6 +200,11 @@ def infotext_parameters(
     return params
 
 
+def png_parameters(request: GenerationRequest, model_hash: str, model_name: str, vae: Path | None = None) -> str:
+    """The PNG "parameters" text an image is written with (what `--skip-existing` compares)."""
+    return format_infotext(request.prompt, request.negative, infotext_parameters(request, model_hash, model_name, vae))
+
+
 def batches(planned: list[Planned], batch_size: int) -> Iterator[list[tuple[int, Planned]]]:
     """Images that can share a UNet call (same size, steps, sampler, ...), in groups of at most `batch_size`,
     in the order their kind first appears, those with the same LoRAs together (a switch re-reads weights);
@@ -315,8 +320,9 @@ def _make(
         request = item.request
         if request.mask is not None:
             image = paste_unmasked(image, request.init, request.mask)
-        text = format_infotext(
-            request.prompt, request.negative, infotext_parameters(request, model_hash, model.path.stem, model.vae_path)
-        )
-        results[index] = Written(item, save_png(image, item.target, text, overwrite=overwrite), seconds)
+        text = png_parameters(request, model_hash, model.path.stem, model.vae_path)
+        try:
+            results[index] = Written(item, save_png(image, item.target, text, overwrite=overwrite), seconds)
+        except SdcliError as e:  # this image's file only: the other jobs still run
+            results.update(_failed([(index, item)], str(e)))
     return results

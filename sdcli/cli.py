@@ -189,6 +189,13 @@ BatchSize = Annotated[int, typer.Option(min=1, help="Images per UNet call (speed
 Output = Annotated[Path | None, typer.Option("--output", "-o", help="Output PNG file (numbered when --n > 1).")]
 Outdir = Annotated[Path | None, typer.Option(help="Output folder [default: ./outputs].")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing files instead of adding -1, -2...")]
+SkipExisting = Annotated[
+    bool,
+    typer.Option(
+        "--skip-existing",
+        help="Skip each image whose file exists with the same PNG parameters: re-run a stopped run to finish it.",
+    ),
+]
 ClipSkip = Annotated[int, typer.Option(min=1, help="1 = last CLIP layer, 2 = the one before it (A1111).")]
 Device = Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")]
 Dtype = Annotated[
@@ -289,6 +296,7 @@ def txt2img(
     outdir: Outdir = None,
     name: Name = None,
     overwrite: Overwrite = False,
+    skip_existing: SkipExisting = False,
     clip_skip: ClipSkip = DEFAULTS.clip_skip,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -337,6 +345,7 @@ def img2img(
     outdir: Outdir = None,
     name: Name = None,
     overwrite: Overwrite = False,
+    skip_existing: SkipExisting = False,
     clip_skip: ClipSkip = DEFAULTS.clip_skip,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -390,6 +399,7 @@ def inpaint(
     outdir: Outdir = None,
     name: Name = None,
     overwrite: Overwrite = False,
+    skip_existing: SkipExisting = False,
     clip_skip: ClipSkip = DEFAULTS.clip_skip,
     device: Device = "auto",
     dtype: Dtype = "auto",

@@ -3,6 +3,8 @@
 Results go to stdout (one path, or one JSON object, per image); seeds, warnings, progress and errors to
 stderr. A job that fails is reported with its prompt-file line and the others still run; the exit code
 says what happened: 0 all written, 1 something failed, 128 + signal number when stopped by a signal.
+Under torchrun or srun each process makes its share of the images (`sdcli.distributed`) and rank 0 prints
+one summary of the whole run; the exit code is then the whole run's, on every process.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from sdcli.errors import SdcliError, UsageError
@@ -27,11 +30,22 @@ def stderr(message: str) -> None:
 
 def generate_command(command: str, opts: dict) -> int:
     """Run one generating command with its parsed options; returns the exit code."""
+    from sdcli.devices import resolve_device
+    from sdcli.distributed import joined, launch_from_env, place
+
+    launch = launch_from_env()
+    device = place(resolve_device(opts["device"]), launch) if launch.distributed else None
+    with joined(launch, device) as group:
+        return _generate_command(command, opts, group)
+
+
+def _generate_command(command: str, opts: dict, group) -> int:
     from sdcli.batch import Interrupted, Planned, Written, job_requests, run
+    from sdcli.distributed import deal
     from sdcli.extra_networks import parse_lora_option
     from sdcli.lora_sets import ActiveLoras, LoraLibrary, check_recorded_hashes, parse_lora_hashes
     from sdcli.outputs import Namer, ensure_writable
-    from sdcli.progress import progress_report
+    from sdcli.progress import progress_report, sampling_steps
     from sdcli.request import DEFAULTS, is_random_seed, random_seed
     from sdcli.signals import stop_on_signals, stopped_message
     from sdcli.weights import short_hash
@@ -41,14 +55,17 @@ def generate_command(command: str, opts: dict) -> int:
     warn = (lambda message: None) if quiet else (lambda message: stderr(f"warning: {message}"))
     jobs, source, png = _jobs(command, opts)
     failures = 0
+    launch = group.launch
 
-    def fail(where: str, message: str) -> None:
+    def fail(where: str, message: str, shared: bool = False) -> None:
         nonlocal failures
+        if shared and launch.rank != 0:
+            return  # every process finds it: rank 0 reports it once
         failures += 1
         stderr(f"error: {where}: {message}")
 
     for line_error in source.errors:
-        fail(f"{source.name} line {line_error.line}", line_error.message)
+        fail(f"{source.name} line {line_error.line}", line_error.message, shared=True)
         if opts["fail_fast"]:
             return 1
     # The model's family (read from the file's header, without loading it) gives the default size and
@@ -57,10 +74,16 @@ def generate_command(command: str, opts: dict) -> int:
     family = _family(model_path)
     if family.is_inpainting and command != "inpaint":
         raise UsageError(f"{model_path.name} is an inpainting model: use `sdcli inpaint` with --init and --mask")
-    namer = Namer(opts["output"], opts["outdir"], opts["name"], model_path.stem, overwrite=opts["overwrite"])
+    # With --skip-existing names start at 0 (not after the folder's highest number), so a re-run finds them.
+    skip_existing = opts.get("skip_existing", False)
+    namer = Namer(opts["output"], opts["outdir"], opts["name"], model_path.stem, overwrite=opts["overwrite"],
+                  start=0 if skip_existing else None)  # fmt: skip
     max_images = opts.get("max_images") or DEFAULTS.max_images
     defaults = {k: opts[k] for k in SETTINGS if opts.get(k) is not None}
     run_seed = random_seed() if is_random_seed(opts["seed"]) else opts["seed"]
+    if launch.distributed:  # every process names and seeds the images as rank 0 does
+        namer.start, run_seed, now = group.from_rank0([namer.start, run_seed, int(namer.now.timestamp())])
+        namer.now = datetime.fromtimestamp(now)
     run_seed_used = False  # by a job without a seed of its own (or -1)
     library = LoraLibrary(_lora_dir(opts), model_path, ignore_unknown=bool(opts.get("lora_ignore_unknown")))
     run_loras = [parse_lora_option(text) for text in opts.get("lora") or ()]
@@ -74,7 +97,7 @@ def generate_command(command: str, opts: dict) -> int:
     def job_failed(job, error: SdcliError) -> None:
         if len(jobs) == 1 and job.line is None:
             raise error  # a single command-line job: its error is the command's
-        fail(job.where(source.name), str(error))
+        fail(job.where(source.name), str(error), shared=True)
 
     for job in jobs:
         values = {**defaults, **job.values}
@@ -118,17 +141,29 @@ def generate_command(command: str, opts: dict) -> int:
         planned += [Planned(job, r, t, values) for r, t in zip(requests, targets, strict=True)]
     if not planned:
         return 1
+    if skip_existing and run_seed_used and is_random_seed(opts["seed"]):
+        raise UsageError("--skip-existing finds the images of an earlier run only by their seeds: give --seed")
+    skipped = _already_written(planned, model_path, opts.get("vae"), group) if skip_existing else [False] * len(planned)
+    todo = [p for p, done in zip(planned, skipped, strict=True) if not done]
+    if not todo:
+        return _final_report(group, 0, failures, len(planned), quiet)
+    # Every image's global index is its place in the plan (prompt-file order, then image number).
+    global_index = {id(p): i for i, p in enumerate(planned)}
+    owners = deal([sampling_steps(p.request) for p in todo], launch.world_size)
+    mine = [p for p, owner in zip(todo, owners, strict=True) if owner == launch.rank]
+    if not mine:  # more processes than images left: this one only joins the report
+        return _final_report(group, 0, failures, sum(skipped), quiet)
     ensure_writable(p.target.parent for p in planned)
     first_loras = planned[0].request.loras  # the batches run LoRA set by set, the first job's first
     with report.loading(model_path.name):
-        model = _load(model_path, opts, warn, library.patch(first_loras))
+        model = _load(model_path, opts, warn, library.patch(first_loras), launch)
     loras = ActiveLoras(library, model, first_loras)
     model_hash = short_hash(model_path)
-    if run_seed_used and is_random_seed(opts["seed"]) and not quiet:
+    if run_seed_used and is_random_seed(opts["seed"]) and not quiet and launch.rank == 0:
         stderr(f"seed: {run_seed}")
 
     dropped = False
-    with stop_on_signals() as stopped, report.sampling(planned, opts["batch_size"]) as progress:
+    with stop_on_signals() as stopped, report.sampling(mine, opts["batch_size"]) as progress:
 
         def on_step(info: dict) -> None:
             if stopped():
@@ -136,11 +171,12 @@ def generate_command(command: str, opts: dict) -> int:
             progress.step(info)
 
         try:
-            for result in run(model, planned, batch_size=opts["batch_size"], overwrite=opts["overwrite"],
+            for result in run(model, mine, batch_size=opts["batch_size"], overwrite=opts["overwrite"],
                               on_step=on_step, should_stop=stopped, vae_tiling=opts["vae_tiling"],
                               warn=warn, use_loras=loras.use):  # fmt: skip
                 if isinstance(result, Written):
                     record = _record(result, model_path.stem, model_hash, model.vae_path)
+                    record.update(index=global_index[id(result.planned)], rank=launch.rank)
                     sys.stdout.write((json.dumps(record) if opts["json"] else str(result.path)) + "\n")
                     sys.stdout.flush()
                     progress.written(result)
@@ -150,9 +186,38 @@ def generate_command(command: str, opts: dict) -> int:
             dropped = True
     report.summary()
     if stopped():
-        stderr(stopped_message(stopped(), report.written_count, len(planned), dropped, opts["batch_size"]))
-        return 128 + stopped()
-    return 1 if failures else 0
+        stderr(stopped_message(stopped(), report.written_count, len(mine), dropped, opts["batch_size"]))
+        return 128 + stopped()  # no final report: the other processes may be gone
+    return _final_report(group, report.written_count, failures, sum(skipped), quiet)
+
+
+def _already_written(planned: list, model_path: Path, vae: str | None, group) -> list[bool]:
+    """Which planned images an earlier run wrote (same file, same parameters): rank 0 looks, before any
+    process writes, and tells the others, so every process deals the same remaining images."""
+    from sdcli.batch import png_parameters
+    from sdcli.resume import already_written
+    from sdcli.weights import short_hash
+
+    found = [0] * len(planned)
+    if group.launch.rank == 0:
+        model_hash, name = short_hash(model_path), model_path.stem
+        vae_path = Path(vae) if vae else None
+        found = [int(already_written(p.target, png_parameters(p.request, model_hash, name, vae_path))) for p in planned]
+    return [bool(done) for done in group.from_rank0(found)]
+
+
+def _final_report(group, written: int, failures: int, skipped: int, quiet: bool) -> int:
+    """The exit code of the whole run (1 when any process had a failure); with several processes rank 0
+    prints one line: images written, skipped and failed, and each process's counts."""
+    counts = group.gather([written, failures])
+    failed = sum(f for _, f in counts)
+    if not quiet and group.launch.rank == 0 and (group.launch.distributed or skipped):
+        line = f"{sum(w for w, _ in counts)} written, {skipped} skipped (already written), {failed} failed"
+        if group.launch.distributed:
+            ranks = "; ".join(f"rank {r}: {w} written, {f} failed" for r, (w, f) in enumerate(counts))
+            line = f"run of {len(counts)} processes: {line}; {ranks}"
+        stderr(line)
+    return 1 if failed else 0
 
 
 class _Source:
@@ -257,12 +322,13 @@ def _lora_dir(opts: dict) -> Path:
     return Path(given).expanduser() if given else weights_dir(opts["weights_dir"]) / "loras"
 
 
-def _load(path: Path, opts: dict, warn: Callable[[str], None], patch=None):
+def _load(path: Path, opts: dict, warn: Callable[[str], None], patch, launch):
     from sdcli.checkpoint import load_model
     from sdcli.devices import resolve_device, resolve_dtype, slow_dtype_note
+    from sdcli.distributed import place
     from sdcli.pipeline import compile_unet
 
-    device = resolve_device(opts["device"])
+    device = place(resolve_device(opts["device"]), launch)
     dtype = resolve_dtype(opts["dtype"], device)
     if note := slow_dtype_note(dtype, device):
         warn(note)

@@ -102,8 +102,9 @@ def numbered(path: Path, number: int) -> Path:
 class Namer:
     """Target paths: `--output` (numbered when a run makes several images) or `--outdir` with a template.
 
-    Template fields: index (counting on from the highest number already in the folder), seed, prompt
-    (a file-name-safe slug), sampler, steps, cfg, width, height, model, date, time.
+    Template fields: index (the image's place in the run, counting on from `start`: by default the number
+    after the highest already in the folder), seed, prompt (a file-name-safe slug), sampler, steps, cfg,
+    width, height, model, date, time.
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class Namer:
         template: str | None,
         model_name: str,
         overwrite: bool = False,
+        start: int | None = None,
     ) -> None:
         if output is not None and (outdir is not None or template is not None):
             raise UsageError("give either --output or --outdir/--name, not both")
@@ -124,7 +126,9 @@ class Namer:
         self.model_name = model_name
         self.overwrite = overwrite
         self.now = datetime.now()
-        self.start = next_index(self.outdir) if output is None else 0
+        if start is None:
+            start = next_index(self.outdir) if output is None else 0
+        self.start = start
         check_name_template(self.template)
         self._render(0, GenerationRequest("prompt"))  # a bad template fails before anything runs
 
