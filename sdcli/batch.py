@@ -34,6 +34,7 @@ from sdcli.sampler_names import resolve_sampler
 from sdcli.weights import short_hash
 
 if TYPE_CHECKING:
+    from sdcli.embeddings import EmbeddingLibrary
     from sdcli.families import Family
 
 NAN_MESSAGE = (
@@ -153,6 +154,7 @@ def job_requests(
         clip_skip=values.get("clip_skip", DEFAULTS.clip_skip),
         strength=float(strength),
         mask_blur=values.get("mask_blur", 0) if mask else 0,
+        rng=values.get("rng", DEFAULTS.rng),
     )
     size = (default_size if width is None else width, default_size if height is None else height)
     GenerationRequest(**settings, width=size[0], height=size[1]).validate(family)  # before reading any image
@@ -170,8 +172,10 @@ def job_requests(
     return [first] + [replace(first, seed=first_seed + i) for i in range(1, n)]
 
 
-def infotext_parameters(request: GenerationRequest, model_hash: str, model_name: str) -> dict[str, object]:
-    """The A1111 infotext key/value line for one image, in A1111's order."""
+def infotext_parameters(
+    request: GenerationRequest, model_hash: str, model_name: str, ti_hashes: str | None = None
+) -> dict[str, object]:
+    """The A1111 infotext key/value line for one image, in A1111's order (`ti_hashes`: see sdcli.embeddings)."""
     params: dict[str, object] = {
         "Steps": request.steps,
         "Sampler": resolve_sampler(request.sampler).display_name,
@@ -187,6 +191,8 @@ def infotext_parameters(request: GenerationRequest, model_hash: str, model_name:
         params["Mask blur"] = request.mask_blur
     if request.clip_skip != 1:
         params["Clip skip"] = request.clip_skip
+    params["TI hashes"] = ti_hashes
+    params["RNG"] = {"cpu": "CPU", "cuda": "NV"}[request.rng]  # A1111's names; it reads a missing one as GPU
     params["Version"] = f"sdcli {__version__}"
     return params
 
@@ -226,6 +232,7 @@ def run(
     should_stop: Callable[[], object] = lambda: False,
     vae_tiling: bool | None = None,
     warn: Callable[[str], None] | None = None,
+    embeddings: EmbeddingLibrary | None = None,
 ) -> Iterator[Written | Failed]:
     """Generate and write every planned image; yields each one written, or each job that failed, in the
     order of `planned` (images are batched by settings, and held back until those before them are out).
@@ -256,7 +263,7 @@ def run(
         for chunk in batches(planned, batch_size):
             if should_stop():
                 break
-            finished.update(_make(model, chunk, model_hash, overwrite, on_step, vae_tiling, warn))
+            finished.update(_make(model, chunk, model_hash, overwrite, on_step, vae_tiling, warn, embeddings))
             yield from in_order()
     except Interrupted:
         yield from held_back()
@@ -272,12 +279,13 @@ def _make(
     on_step: Callable[[dict], None] | None,
     vae_tiling: bool | None,
     warn: Callable[[str], None] | None,
+    embeddings: EmbeddingLibrary | None = None,
 ) -> dict[int, Written | Failed | None]:
     """Generate one batch and write its images; the result of each image, by its place in the plan."""
     started = time.monotonic()
     requests = [item.request for _, item in chunk]
     try:
-        images = generate(model, requests, callback=on_step, vae_tiling=vae_tiling, warn=warn)
+        images = generate(model, requests, callback=on_step, vae_tiling=vae_tiling, warn=warn, embeddings=embeddings)
     except SdcliError as e:
         return _failed(chunk, str(e))
     except (MemoryError, RuntimeError) as e:
@@ -299,8 +307,9 @@ def _make(
         request = item.request
         if request.mask is not None:
             image = paste_unmasked(image, request.init, request.mask)
+        ti_hashes = embeddings.hashes((request.prompt, request.negative), model.family) if embeddings else None
         text = format_infotext(
-            request.prompt, request.negative, infotext_parameters(request, model_hash, model.path.stem)
+            request.prompt, request.negative, infotext_parameters(request, model_hash, model.path.stem, ti_hashes)
         )
         results[index] = Written(item, save_png(image, item.target, text, overwrite=overwrite), seconds)
     return results

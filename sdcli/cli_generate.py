@@ -17,7 +17,7 @@ from sdcli.errors import SdcliError, UsageError
 # Options that are per-job settings: a prompt-file line or a PNG's parameters can set them too.
 SETTINGS = (
     "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "n", "clip_skip",
-    "init", "mask", "strength", "mask_blur", "invert_mask", "resize",
+    "init", "mask", "strength", "mask_blur", "invert_mask", "resize", "rng",
 )  # fmt: skip
 
 
@@ -102,6 +102,7 @@ def generate_command(command: str, opts: dict) -> int:
     if not planned:
         return 1
     ensure_writable(p.target.parent for p in planned)
+    embeddings = _embeddings(opts, family, planned, warn)
     with report.loading(model_path.name):
         model = _load(model_path, opts, warn)
     model_hash = short_hash(model_path)
@@ -119,7 +120,7 @@ def generate_command(command: str, opts: dict) -> int:
         try:
             for result in run(model, planned, batch_size=opts["batch_size"], overwrite=opts["overwrite"],
                               on_step=on_step, should_stop=stopped, vae_tiling=opts["vae_tiling"],
-                              warn=warn):  # fmt: skip
+                              warn=warn, embeddings=embeddings):  # fmt: skip
                 if isinstance(result, Written):
                     record = _record(result, model_path.stem, model_hash)
                     sys.stdout.write((json.dumps(record) if opts["json"] else str(result.path)) + "\n")
@@ -221,6 +222,46 @@ def _family(path: Path):
     from sdcli.header import read_header
 
     return detect({key: info.shape for key, info in read_header(path).items()})
+
+
+def tokens_command(prompt: str, model: str | None, steps: int, embeddings_dir, weights_dir) -> None:
+    """`sdcli tokens`: the prompt's reading on stdout, warnings on stderr."""
+    from sdcli.download import resolve_model
+    from sdcli.families import SD1
+    from sdcli.weights import weights_dir as resolve_weights_dir
+
+    if not 1 <= steps <= 1000:
+        raise UsageError(f"steps must be between 1 and 1000, got {steps}")
+    directory = resolve_weights_dir(weights_dir)
+    family = SD1 if model is None else _family(resolve_model(model, directory, offline=True))
+    opts = {"embeddings_dir": embeddings_dir, "weights_dir": weights_dir, "show_tokens": True}
+    _show_prompts(opts, family, [(prompt, steps)], lambda m: stderr(f"warning: {m}"), sys.stdout.write)
+
+
+def _embeddings(opts: dict, family, planned: list, warn: Callable[[str], None]):
+    """The embeddings folder; warns about what the prompts probably did not mean, shows their tokens if asked."""
+    texts = dict.fromkeys((p.request.prompt, p.request.steps) for p in planned)
+    texts.update(dict.fromkeys((p.request.negative, p.request.steps) for p in planned if p.request.negative))
+    return _show_prompts(opts, family, list(texts), warn, lambda text: sys.stderr.write(text))
+
+
+def _show_prompts(opts: dict, family, texts: list[tuple[str, int]], warn: Callable[[str], None], out):
+    """Warn about each prompt's doubtful parts; with show_tokens, write how it is read. Returns the library."""
+    from sdcli.embeddings import EmbeddingLibrary
+    from sdcli.prompt_encoding import describe_prompt, prompt_warnings
+    from sdcli.text_encoders import make_tokenizer
+    from sdcli.weights import weights_dir
+
+    library = EmbeddingLibrary(opts.get("embeddings_dir") or weights_dir(opts["weights_dir"]) / "embeddings")
+    for text, steps in texts:
+        for message in prompt_warnings(text, library.missing(text)):
+            warn(message)
+        if opts.get("show_tokens"):
+            spec = family.text_encoders[0]
+            vectors = {name: e.vectors[0] for name, e in library.used_in([text], family).items()}
+            lines = describe_prompt(text, steps, spec, make_tokenizer(spec), vectors)
+            out("\n".join([f"prompt: {text}", *lines]) + "\n")
+    return library
 
 
 def _load(path: Path, opts: dict, warn: Callable[[str], None]):

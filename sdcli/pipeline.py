@@ -16,10 +16,12 @@ from PIL import Image
 from sdcli.checkpoint import StableDiffusion
 from sdcli.conditioning import TextConditioning
 from sdcli.denoiser import DiscreteDenoiser, guided_unet
+from sdcli.embeddings import EmbeddingLibrary
 from sdcli.errors import UsageError
 from sdcli.images import from_pil
 from sdcli.prompt_encoding import ScheduledConditioning, encode_schedule, sampler_step
 from sdcli.request import GenerationRequest
+from sdcli.rng_philox import CudaRandn
 from sdcli.sampler_names import SamplerSpec
 from sdcli.schedules import alphas_cumprod_sd, initial_noise_scale, make_sigmas
 from sdcli.tiling import decode, encode
@@ -197,11 +199,13 @@ def generate(
     callback: Callable[[dict], None] | None = None,
     vae_tiling: bool | None = None,
     warn: Callable[[str], None] | None = None,
+    embeddings: EmbeddingLibrary | None = None,
 ) -> torch.Tensor:
     """Generate one image per request, as one batch: txt2img, img2img (init) or inpaint (init and mask).
 
     Returns images in [-1, 1] (B, 3, H, W), float32, on the CPU, before any paste-back of kept pixels.
     `vae_tiling`: True/False forces tiled VAE encode/decode on or off; None decides by free memory.
+    `embeddings`: where the prompts' textual-inversion words are looked up (none without it).
     """
     first = requests[0]
     spec = first.validate(model.family)
@@ -211,15 +215,24 @@ def generate(
         raise ValueError("a mask needs an init image")
     if model.family.is_inpainting and first.mask is None:
         raise UsageError(f"{model.path.name} is an inpainting model: use `sdcli inpaint` with --init and --mask")
-    cond = encode_schedule(model, [r.prompt for r in requests], first.steps, first.clip_skip)
+    texts = [text for r in requests for text in (r.prompt, r.negative)]
+    found = {} if embeddings is None else embeddings.used_in(texts, model.family)
+    vectors = {name: embedding.vectors for name, embedding in found.items()}
+    cond = encode_schedule(model, [r.prompt for r in requests], first.steps, first.clip_skip, vectors)
     uncond = (
         None
         if first.cfg == 1.0
-        else encode_schedule(model, [r.negative for r in requests], first.steps, first.clip_skip)
+        else encode_schedule(model, [r.negative for r in requests], first.steps, first.clip_skip, vectors)
     )
     f = model.vae.downscale
     generators = seeded_generators([r.seed for r in requests])
-    noise = draw_noise(generators, (model.family.unet.out_channels, first.height // f, first.width // f), model.device)
+    shape = (model.family.unet.out_channels, first.height // f, first.width // f)
+    noise = draw_noise(generators, shape, model.device)
+    if any(r.rng == "cuda" for r in requests):  # A1111's GPU noise for those seeds; later noise stays the CPU's
+        noise = torch.cat([
+            CudaRandn(r.seed).randn((1, *shape), device=model.device) if r.rng == "cuda" else n[None]
+            for r, n in zip(requests, noise, strict=True)
+        ])  # fmt: skip
     start = prepare_image_start(model, requests, generators, vae_tiling)
     with model.use(model.unet):
         latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, start, callback)

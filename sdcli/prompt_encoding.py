@@ -29,7 +29,7 @@ from sdcli.conditioning import TextConditioning
 from sdcli.errors import UsageError
 from sdcli.families import TextEncoderSpec
 from sdcli.prompt_chunks import PromptChunk, apply_emphasis, chunk_prompt, chunk_tensors
-from sdcli.prompt_parser import parse_prompt_attention, prompt_schedule
+from sdcli.prompt_parser import BREAK, parse_prompt_attention, prompt_schedule
 from sdcli.text_encoders import combine_outputs, run_text_encoder
 
 
@@ -185,3 +185,50 @@ def sampler_step(sigmas: torch.Tensor, sigma: float) -> int:
     """
     above = int((sigmas[:-1] >= sigma * (1 - 1e-5)).sum().item())
     return max(above - 1, 0)
+
+
+EXTREME_WEIGHT = 3.0  # emphasis beyond this mostly burns the image
+
+
+def describe_prompt(
+    prompt: str, steps: int, spec: TextEncoderSpec, tokenizer, embeddings: Mapping[str, torch.Tensor] | None = None
+) -> list[str]:
+    """How a prompt is read, as lines of text: each schedule segment's chunks, their tokens and weights.
+
+    A token is shown as its BPE text, `text:weight` when its weight is not 1, an embedding as `<name>`.
+    """
+    lines = []
+    schedule = prompt_schedule(prompt, steps)
+    start = 1
+    for end, text in schedule:
+        if len(schedule) > 1:
+            lines.append(f"steps {start}-{end}: {text}")
+        start = end + 1
+        chunks = prompt_chunks(text, spec, tokenizer, embeddings)
+        for number, chunk in enumerate(chunks, 1):
+            words = []
+            slots = {slot.position: slot for slot in chunk.embeddings}
+            position = 1
+            while position <= chunk.token_count:
+                weight = chunk.weights[position]
+                if position in slots:
+                    word = f"<{slots[position].name}>"
+                    position += slots[position].vectors
+                else:
+                    word = tokenizer.token_texts([chunk.tokens[position]])[0]
+                    position += 1
+                words.append(word if weight == 1.0 else f"{word}:{weight:.3g}")
+            lines.append(f"  chunk {number}/{len(chunks)}, {chunk.token_count} tokens: {' '.join(words)}")
+    return lines
+
+
+def prompt_warnings(prompt: str, missing_embeddings: Sequence[str]) -> list[str]:
+    """What in a prompt is probably not what its writer meant: extreme weights, unknown `embedding:` names."""
+    warnings = [f"embedding {name!r} not found: the words are read as text" for name in missing_embeddings]
+    for text in dict.fromkeys(text for _, text in prompt_schedule(prompt, 100)):  # every side of every edit
+        for run, weight in parse_prompt_attention(text):
+            if (run, weight) != BREAK and abs(weight) > EXTREME_WEIGHT and run.strip():
+                warnings.append(
+                    f"{run.strip()[:40]!r} has weight {weight:.3g}: above {EXTREME_WEIGHT:g} images burn out"
+                )
+    return list(dict.fromkeys(warnings))
