@@ -9,6 +9,8 @@ it is among the last 20 tokens; BREAK closes a chunk; each chunk `start, tokens,
 encoded alone, scaled by its weights and rescaled to its original mean; chunks concatenated.
 """
 
+import copy
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,11 @@ from kdiffusion_ref import load as load_kdiffusion
 from PIL import Image
 from reference import reference_models_from_file, reference_pipeline, reference_tokenizer
 
+from sdcli.images import read_png_parameters, save_png
+from sdcli.infotext import parse_infotext
+from sdcli.jobs import job_from_png
 from sdcli.prompt_parser import BREAK, parse_prompt_attention, prompt_schedule
+from sdcli.rng_philox import CudaRandn
 
 SEED, STEPS, CFG, SIZE = 4321, 6, 30.0, 64
 START, END, COMMA = 49406, 49407, 267
@@ -86,10 +92,10 @@ def reference(tiny_checkpoint):
     return reference_models_from_file(tiny_checkpoint, TINY_SD1), reference_tokenizer()
 
 
-def generate(checkpoint: str, out: Path, prompt: str, negative: str, sampler: str) -> np.ndarray:
+def generate(checkpoint: str, out: Path, prompt: str, negative: str, sampler: str, *extra) -> np.ndarray:
     result = run_cli(
         "txt2img", prompt, "-n", negative, "-m", checkpoint, "-W", SIZE, "-H", SIZE, "--steps", STEPS,
-        "--cfg", CFG, "--seed", SEED, "--sampler", sampler, "--dtype", "fp32", "-o", out,
+        "--cfg", CFG, "--seed", SEED, "--sampler", sampler, "--dtype", "fp32", "-o", out, *extra,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     return np.asarray(Image.open(out).convert("RGB"), dtype=np.float64) / 255
@@ -138,7 +144,7 @@ def reference_schedule(clip, tokenizer, prompt: str) -> list[tuple[int, torch.Te
     return [(end, embeds[i : i + 1]) for i, (end, _) in enumerate(schedule)]
 
 
-def euler_reference(reference, prompt: str, negative: str) -> np.ndarray:
+def euler_reference(reference, prompt: str, negative: str, noise: torch.Tensor | None = None) -> np.ndarray:
     sampling, _ = load_kdiffusion()
     (unet, vae, clip), tokenizer = reference
     with torch.no_grad():
@@ -146,7 +152,9 @@ def euler_reference(reference, prompt: str, negative: str) -> np.ndarray:
             unet, reference_schedule(clip, tokenizer, prompt), reference_schedule(clip, tokenizer, negative)
         )
         sigmas = denoiser.model.get_sigmas(STEPS)
-        x = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(SEED)) * sigmas[0]
+        if noise is None:
+            noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(SEED))
+        x = noise * sigmas[0]
         latents = sampling.sample_euler(denoiser, x, sigmas, disable=True)
         return to_unit_range(vae.decode(latents / 0.18215).sample)
 
@@ -190,3 +198,75 @@ def test_chunked_break_and_edited_prompts_equal_kdiffusion_given_a1111_embedding
     expected = euler_reference(reference, prompt, negative)
     ours = generate(tiny_checkpoint, tmp_path / "out.png", prompt, negative, "euler")
     assert np.abs(ours - expected).mean() < 1 / 255
+
+
+def with_embedding(reference, vectors: torch.Tensor):
+    """The reference CLIP and tokenizer with an embedding's vectors appended as new tokens <ti0>, <ti1>, ...
+    (as diffusers' load_textual_inversion loads one)."""
+    (unet, vae, clip), tokenizer = reference
+    clip, tokenizer = copy.deepcopy(clip), copy.deepcopy(tokenizer)
+    names = [f"<ti{i}>" for i in range(len(vectors))]
+    tokenizer.add_tokens(names)
+    clip.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():
+        clip.get_input_embeddings().weight[-len(vectors) :] = vectors
+    return ((unet, vae, clip), tokenizer), "".join(names)
+
+
+def write_embedding(directory: Path, name: str, vectors: torch.Tensor) -> Path:
+    from safetensors.torch import save_file
+
+    directory.mkdir(exist_ok=True)
+    save_file({"emb_params": vectors}, directory / f"{name}.safetensors")
+    return directory / f"{name}.safetensors"
+
+
+def test_embeddings_equal_the_reference_with_their_vectors_as_new_tokens(tiny_checkpoint, reference, tmp_path):
+    vectors = torch.randn(2, 128, generator=torch.Generator().manual_seed(7))
+    write_embedding(tmp_path / "emb", "mystyle", vectors)
+    prompt = "a (cat:1.2) in mystyle, (embedding:mystyle:0.6) sky"
+    extended, tokens = with_embedding(reference, vectors)
+    expected = euler_reference(extended, prompt.replace("embedding:mystyle", tokens).replace("mystyle", tokens), "ugly")
+    ours = generate(
+        tiny_checkpoint, tmp_path / "out.png", prompt, "ugly", "euler", "--embeddings-dir", tmp_path / "emb"
+    )
+    assert np.abs(ours - expected).mean() < 1 / 255
+
+
+def test_rng_cuda_starts_from_the_noise_torch_draws_on_a_cuda_device(tiny_checkpoint, reference, tmp_path):
+    noise = CudaRandn(SEED).randn((1, 4, SIZE // 8, SIZE // 8))  # equal to torch's CUDA randn: test_rng_philox
+    expected = euler_reference(reference, "a cat", "ugly", noise)
+    ours = generate(tiny_checkpoint, tmp_path / "out.png", "a cat", "ugly", "euler", "--rng", "cuda")
+    assert np.abs(ours - expected).mean() < 1 / 255
+    assert parse_infotext(read_png_parameters(tmp_path / "out.png"))[2]["RNG"] == "NV"
+
+
+def test_from_png_reproduces_an_image_whose_prompt_uses_all_of_the_syntax(tiny_checkpoint, tmp_path):
+    path = write_embedding(tmp_path / "emb", "mystyle", torch.randn(3, 128, generator=torch.Generator().manual_seed(3)))
+    prompt = f"(masterpiece:1.2), [a photo of a cat:a dog:2] in mystyle, [red|blue] BREAK {LONG_2}"
+    negative = "[blurry::0.5], embedding:mystyle, \\(ugly\\)"
+    first = tmp_path / "first.png"
+    generate(tiny_checkpoint, first, prompt, negative, "euler", "--rng", "cuda", "--embeddings-dir", tmp_path / "emb")
+    made_prompt, made_negative, params = parse_infotext(read_png_parameters(first))
+    assert (made_prompt, made_negative) == (prompt, negative)
+    assert params["TI hashes"] == f"mystyle: {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+    assert params["RNG"] == "NV"
+    again = tmp_path / "again.png"
+    result = run_cli("txt2img", "--from-png", first, "-m", tiny_checkpoint, "--dtype", "fp32",
+                     "--embeddings-dir", tmp_path / "emb", "-o", again)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert again.read_bytes() == first.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("params", "rng"),
+    [
+        ("Steps: 20, Sampler: Euler, Seed: 1, Version: v1.7.0", "cuda"),  # A1111's default: GPU
+        ("Steps: 20, Sampler: Euler, Seed: 1, RNG: CPU, Version: v1.7.0", "cpu"),
+        ("Steps: 20, Sampler: Euler, Seed: 1, RNG: NV, Version: v1.7.0", "cuda"),
+        ("Steps: 20, Sampler: Euler, Seed: 1, Version: sdcli 0.1.0", "cpu"),  # before sdcli wrote RNG
+    ],
+)
+def test_from_png_reads_the_rng_as_a1111_does(tmp_path, params, rng):
+    path = save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", f"a cat\n{params}")
+    assert job_from_png(str(path)).job.values["rng"] == rng
