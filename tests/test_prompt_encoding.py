@@ -111,3 +111,10 @@ def test_tokens_command_and_show_tokens(tiny_checkpoint, tmp_path):
                      "--show-tokens", "-o", tmp_path / "x.png")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "prompt: a (cat:1.2)\n  chunk 1/1, 2 tokens: a cat:1.2" in result.stderr
+
+
+def test_lora_tags_are_left_as_text_for_whoever_strips_them():
+    from sdcli.prompt_parser import parse_prompt_attention, prompt_schedule
+
+    assert parse_prompt_attention("a <lora:my_lora:0.8> cat") == [("a <lora:my_lora:0.8> cat", 1.0)]
+    assert prompt_schedule("<lora:x:1> [cat:dog:2]", 4) == [(2, "<lora:x:1> cat"), (4, "<lora:x:1> dog")]
