@@ -6,9 +6,10 @@ chunks' contexts concatenated: 77 * k tokens. The pooled output (SDXL) is the fi
 
 Prompt editing and alternation give a prompt several texts over the steps. As in A1111, the texts of one
 prompt are encoded together: the emphasis mean spans them, and a text with fewer chunks than another gets
-empty chunks, so all of them have the same length. Different prompts keep their own lengths: a batch whose
-prompts differ in length repeats each shorter prompt's last vector (A1111's `stack_conds`), and the prompt
-and the negative prompt run through the UNet at their own lengths (`sdcli.denoiser.guided_unet`).
+empty chunks (A1111's: start, then end tokens), so all of them have the same length. Different prompts
+keep their own lengths: a batch whose prompts differ in length repeats each shorter prompt's last vector
+(A1111's `stack_conds`), and the prompt and the negative prompt run through the UNet at their own lengths
+(`sdcli.denoiser.guided_unet`).
 
 A step's conditioning is chosen as A1111 chooses it: at step s (0-based), each prompt's first segment whose
 end step is at least s. sdcli counts sampler steps (`sampler_step`); A1111 counts denoiser calls and, for
@@ -28,9 +29,10 @@ from torch import nn
 from sdcli.conditioning import TextConditioning
 from sdcli.errors import UsageError
 from sdcli.families import TextEncoderSpec
-from sdcli.prompt_chunks import PromptChunk, apply_emphasis, chunk_prompt, chunk_tensors
+from sdcli.prompt_chunks import CHUNK_TOKENS, PromptChunk, apply_emphasis, chunk_prompt, chunk_tensors
 from sdcli.prompt_parser import BREAK, parse_prompt_attention, prompt_schedule
 from sdcli.text_encoders import combine_outputs, run_text_encoder
+from sdcli.tokenizer import END_TOKEN_ID, START_TOKEN_ID
 
 
 def prompt_chunks(
@@ -109,7 +111,7 @@ def encode_texts(
         vectors = {name: per_encoder[i] for name, per_encoder in (embeddings or {}).items()}
         chunked = [prompt_chunks(text, spec, tokenizer, vectors) for text in texts]
         count = max(len(c) for c in chunked)
-        empty = prompt_chunks("", spec, tokenizer)[0]
+        empty = PromptChunk((START_TOKEN_ID,) + (END_TOKEN_ID,) * (CHUNK_TOKENS + 1), (1.0,) * (CHUNK_TOKENS + 2), 0)
         chunked = [c + [empty] * (count - len(c)) for c in chunked]
         lengths.add(count)
         with model.use(encoder) as module:

@@ -69,8 +69,9 @@ def a1111_chunks(tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
     return chunks
 
 
-def a1111_embeds(clip, tokenizer, texts: list[str]) -> torch.Tensor:
-    """A1111's FrozenCLIPEmbedderWithCustomWords.forward on texts encoded together: (S, 77k, D)."""
+def a1111_embeds(clip, tokenizer, texts: list[str], clip_skip: int = 1) -> torch.Tensor:
+    """A1111's FrozenCLIPEmbedderWithCustomWords.forward on texts encoded together: (S, 77k, D); with clip
+    skip n, the n-th hidden state from the end, final-normed (A1111's encode_with_transformers)."""
     chunked = [a1111_chunks(tokenizer, text) for text in texts]
     count = max(len(c) for c in chunked)
     empty = ([START, END] + [END] * 75, [1.0] * 77)  # A1111's empty_chunk
@@ -80,7 +81,8 @@ def a1111_embeds(clip, tokenizer, texts: list[str]) -> torch.Tensor:
         for i in range(count):
             ids = torch.tensor([c[i][0] for c in chunked])
             weights = torch.tensor([c[i][1] for c in chunked])
-            z = clip(ids).last_hidden_state
+            hidden = clip(ids, output_hidden_states=True).hidden_states[-clip_skip]
+            z = getattr(clip, "text_model", clip).final_layer_norm(hidden)
             original_mean = z.mean()
             z = z * weights.unsqueeze(-1)
             zs.append(z * (original_mean / z.mean()))
@@ -138,18 +140,22 @@ class ScheduledEpsDenoiser:
         return out_uncond + CFG * (out_cond - out_uncond)
 
 
-def reference_schedule(clip, tokenizer, prompt: str) -> list[tuple[int, torch.Tensor]]:
+def reference_schedule(clip, tokenizer, prompt: str, clip_skip: int = 1) -> list[tuple[int, torch.Tensor]]:
     schedule = prompt_schedule(prompt, STEPS)
-    embeds = a1111_embeds(clip, tokenizer, [text for _, text in schedule])
+    embeds = a1111_embeds(clip, tokenizer, [text for _, text in schedule], clip_skip)
     return [(end, embeds[i : i + 1]) for i, (end, _) in enumerate(schedule)]
 
 
-def euler_reference(reference, prompt: str, negative: str, noise: torch.Tensor | None = None) -> np.ndarray:
+def euler_reference(
+    reference, prompt: str, negative: str, noise: torch.Tensor | None = None, clip_skip: int = 1
+) -> np.ndarray:
     sampling, _ = load_kdiffusion()
     (unet, vae, clip), tokenizer = reference
     with torch.no_grad():
         denoiser = ScheduledEpsDenoiser(
-            unet, reference_schedule(clip, tokenizer, prompt), reference_schedule(clip, tokenizer, negative)
+            unet,
+            reference_schedule(clip, tokenizer, prompt, clip_skip),
+            reference_schedule(clip, tokenizer, negative, clip_skip),
         )
         sigmas = denoiser.model.get_sigmas(STEPS)
         if noise is None:
@@ -197,6 +203,13 @@ def test_chunked_break_and_edited_prompts_equal_kdiffusion_given_a1111_embedding
 ):
     expected = euler_reference(reference, prompt, negative)
     ours = generate(tiny_checkpoint, tmp_path / "out.png", prompt, negative, "euler")
+    assert np.abs(ours - expected).mean() < 1 / 255
+
+
+def test_clip_skip_and_an_edit_between_texts_of_different_chunk_counts(tiny_checkpoint, reference, tmp_path):
+    prompt = f"[(a cat:1.4):{LONG_2}:2]"  # 1 chunk, then 2: the first text gets an empty chunk (A1111)
+    expected = euler_reference(reference, prompt, "ugly", clip_skip=2)
+    ours = generate(tiny_checkpoint, tmp_path / "out.png", prompt, "ugly", "euler", "--clip-skip", 2)
     assert np.abs(ours - expected).mean() < 1 / 255
 
 
