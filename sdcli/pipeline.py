@@ -147,7 +147,7 @@ def sample(
 
     def stepped(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         nonlocal step
-        step = sampler_step(sigmas, sigma[0].item())
+        step = sampler_step(sigmas, sigma.reshape(-1)[0].item())
         return denoiser(x, sigma)
 
     denoise = stepped
