@@ -228,10 +228,11 @@ def tokens_command(prompt: str, model: str | None, steps: int, embeddings_dir, w
     """`sdcli tokens`: the prompt's reading on stdout, warnings on stderr."""
     from sdcli.download import resolve_model
     from sdcli.families import SD1
+    from sdcli.request import MAX_STEPS
     from sdcli.weights import weights_dir as resolve_weights_dir
 
-    if not 1 <= steps <= 1000:
-        raise UsageError(f"steps must be between 1 and 1000, got {steps}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
     directory = resolve_weights_dir(weights_dir)
     family = SD1 if model is None else _family(resolve_model(model, directory, offline=True))
     opts = {"embeddings_dir": embeddings_dir, "weights_dir": weights_dir, "show_tokens": True}
