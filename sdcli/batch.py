@@ -36,6 +36,7 @@ from sdcli.sampler_names import resolve_sampler
 from sdcli.weights import short_hash
 
 if TYPE_CHECKING:
+    from sdcli.embeddings import EmbeddingLibrary
     from sdcli.families import Family
 
 NAN_MESSAGE = (
@@ -156,6 +157,7 @@ def job_requests(
         strength=float(strength),
         mask_blur=values.get("mask_blur", 0) if mask else 0,
         loras=tuple(values.get("loras", ())),
+        rng=values.get("rng", DEFAULTS.rng),
     )
     size = (default_size if width is None else width, default_size if height is None else height)
     GenerationRequest(**settings, width=size[0], height=size[1]).validate(family)  # before reading any image
@@ -174,9 +176,14 @@ def job_requests(
 
 
 def infotext_parameters(
-    request: GenerationRequest, model_hash: str, model_name: str, vae: Path | None = None
+    request: GenerationRequest,
+    model_hash: str,
+    model_name: str,
+    vae: Path | None = None,
+    ti_hashes: str | None = None,
 ) -> dict[str, object]:
-    """The A1111 infotext key/value line for one image, in A1111's order; `vae`: the file of a VAE override."""
+    """The A1111 infotext key/value line for one image, in A1111's order; `vae`: the file of a VAE override,
+    `ti_hashes`: the embeddings the prompts used (see sdcli.embeddings)."""
     params: dict[str, object] = {
         "Steps": request.steps,
         "Sampler": resolve_sampler(request.sampler).display_name,
@@ -196,13 +203,22 @@ def infotext_parameters(
         params["Clip skip"] = request.clip_skip
     if request.loras:
         params["Lora hashes"] = ", ".join(f"{infotext_name(r)}: {lora_hash(r.path)}" for r in request.loras)
+    params["TI hashes"] = ti_hashes
+    params["RNG"] = {"cpu": "CPU", "cuda": "NV"}[request.rng]  # A1111's names; it reads a missing one as GPU
     params["Version"] = f"sdcli {__version__}"
     return params
 
 
-def png_parameters(request: GenerationRequest, model_hash: str, model_name: str, vae: Path | None = None) -> str:
+def png_parameters(
+    request: GenerationRequest,
+    model_hash: str,
+    model_name: str,
+    vae: Path | None = None,
+    ti_hashes: str | None = None,
+) -> str:
     """The PNG "parameters" text an image is written with (what `--skip-existing` compares)."""
-    return format_infotext(request.prompt, request.negative, infotext_parameters(request, model_hash, model_name, vae))
+    params = infotext_parameters(request, model_hash, model_name, vae, ti_hashes)
+    return format_infotext(request.prompt, request.negative, params)
 
 
 def batches(planned: list[Planned], batch_size: int) -> Iterator[list[tuple[int, Planned]]]:
@@ -243,6 +259,7 @@ def run(
     should_stop: Callable[[], object] = lambda: False,
     vae_tiling: bool | None = None,
     warn: Callable[[str], None] | None = None,
+    embeddings: EmbeddingLibrary | None = None,
     use_loras: Callable[[tuple], None] | None = None,
 ) -> Iterator[Written | Failed]:
     """Generate and write every planned image; yields each one written, or each job that failed, in the
@@ -276,7 +293,7 @@ def run(
                 break
             if use_loras is not None:
                 use_loras(chunk[0][1].request.loras)
-            finished.update(_make(model, chunk, model_hash, overwrite, on_step, vae_tiling, warn))
+            finished.update(_make(model, chunk, model_hash, overwrite, on_step, vae_tiling, warn, embeddings))
             yield from in_order()
     except Interrupted:
         yield from held_back()
@@ -292,13 +309,14 @@ def _make(
     on_step: Callable[[dict], None] | None,
     vae_tiling: bool | None,
     warn: Callable[[str], None] | None,
+    embeddings: EmbeddingLibrary | None = None,
 ) -> dict[int, Written | Failed | None]:
     """Generate one batch and write its images; the result of each image, by its place in the plan."""
     started = time.monotonic()
     requests = [item.request for _, item in chunk]
     try:  # the text encoder sees the prompts without their <lora:...> tags
         prompts = [replace(r, prompt=strip_extra_networks(r.prompt)) for r in requests]
-        images = generate(model, prompts, callback=on_step, vae_tiling=vae_tiling, warn=warn)
+        images = generate(model, prompts, callback=on_step, vae_tiling=vae_tiling, warn=warn, embeddings=embeddings)
     except SdcliError as e:
         return _failed(chunk, str(e))
     except (MemoryError, RuntimeError) as e:
@@ -320,7 +338,8 @@ def _make(
         request = item.request
         if request.mask is not None:
             image = paste_unmasked(image, request.init, request.mask)
-        text = png_parameters(request, model_hash, model.path.stem, model.vae_path)
+        ti_hashes = embeddings.hashes((request.prompt, request.negative), model.family) if embeddings else None
+        text = png_parameters(request, model_hash, model.path.stem, model.vae_path, ti_hashes)
         try:
             results[index] = Written(item, save_png(image, item.target, text, overwrite=overwrite), seconds)
         except SdcliError as e:  # this image's file only: the other jobs still run

@@ -197,6 +197,19 @@ SkipExisting = Annotated[
     ),
 ]
 ClipSkip = Annotated[int, typer.Option(min=1, help="1 = last CLIP layer, 2 = the one before it (A1111).")]
+Rng = Annotated[
+    Literal["cpu", "cuda"],
+    typer.Option(
+        help="Initial noise as torch draws it for the seed on the CPU, or on an NVIDIA GPU (A1111's default)."
+    ),
+]
+EmbeddingsDir = Annotated[
+    Path | None,
+    typer.Option(help="Textual-inversion embeddings (.safetensors) [default: embeddings/ in the weights folder]."),
+]
+ShowTokens = Annotated[
+    bool, typer.Option("--show-tokens", help="Print on stderr how each prompt is read: chunks, tokens, weights.")
+]
 Device = Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")]
 Dtype = Annotated[
     str, typer.Option(help="auto (fp16 on GPUs, bf16 on CPUs with native bf16, else fp32), fp16, bf16, fp32.")
@@ -298,6 +311,9 @@ def txt2img(
     overwrite: Overwrite = False,
     skip_existing: SkipExisting = False,
     clip_skip: ClipSkip = DEFAULTS.clip_skip,
+    rng: Rng = DEFAULTS.rng,
+    embeddings_dir: EmbeddingsDir = None,
+    show_tokens: ShowTokens = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
@@ -347,6 +363,9 @@ def img2img(
     overwrite: Overwrite = False,
     skip_existing: SkipExisting = False,
     clip_skip: ClipSkip = DEFAULTS.clip_skip,
+    rng: Rng = DEFAULTS.rng,
+    embeddings_dir: EmbeddingsDir = None,
+    show_tokens: ShowTokens = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
@@ -401,6 +420,9 @@ def inpaint(
     overwrite: Overwrite = False,
     skip_existing: SkipExisting = False,
     clip_skip: ClipSkip = DEFAULTS.clip_skip,
+    rng: Rng = DEFAULTS.rng,
+    embeddings_dir: EmbeddingsDir = None,
+    show_tokens: ShowTokens = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
@@ -512,6 +534,23 @@ def models(
             size = "?" if info["size"] is None else f"{info['size'] / 1e9:.2f} GB"
             line = f"{info['name']:<40} {info['family']:<12} {size:>9} {info['dtype']:<6} {info['hash'] or '-'}"
             typer.echo(line + (f"  ({info['error']})" if "error" in info else ""))
+
+
+@app.command()
+@reports_errors
+def tokens(
+    prompt: Annotated[str, typer.Argument(help="The prompt to read.", show_default=False)],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="A model file or downloaded model's name [default: SD 1.x].")
+    ] = None,
+    steps: Steps = DEFAULTS.steps,
+    embeddings_dir: EmbeddingsDir = None,
+    weights_dir: WeightsDir = None,
+) -> None:
+    """Show how a prompt is read: its 75-token chunks, each token's weight, embeddings, and edits by step."""
+    from sdcli.cli_generate import tokens_command
+
+    tokens_command(prompt, model, steps, embeddings_dir, weights_dir)
 
 
 @app.command()

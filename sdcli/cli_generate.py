@@ -20,7 +20,7 @@ from sdcli.errors import SdcliError, UsageError
 # Options that are per-job settings: a prompt-file line or a PNG's parameters can set them too.
 SETTINGS = (
     "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "n", "clip_skip",
-    "init", "mask", "strength", "mask_blur", "invert_mask", "resize",
+    "init", "mask", "strength", "mask_blur", "invert_mask", "resize", "rng",
 )  # fmt: skip
 
 
@@ -155,6 +155,7 @@ def _generate_command(command: str, opts: dict, group) -> int:
         return _final_report(group, 0, failures, sum(skipped), quiet)
     ensure_writable(p.target.parent for p in planned)
     first_loras = planned[0].request.loras  # the batches run LoRA set by set, the first job's first
+    embeddings = _embeddings(opts, family, planned, warn)
     with report.loading(model_path.name):
         model = _load(model_path, opts, warn, library.patch(first_loras), launch)
     loras = ActiveLoras(library, model, first_loras)
@@ -173,7 +174,7 @@ def _generate_command(command: str, opts: dict, group) -> int:
         try:
             for result in run(model, mine, batch_size=opts["batch_size"], overwrite=opts["overwrite"],
                               on_step=on_step, should_stop=stopped, vae_tiling=opts["vae_tiling"],
-                              warn=warn, use_loras=loras.use):  # fmt: skip
+                              warn=warn, use_loras=loras.use, embeddings=embeddings):  # fmt: skip
                 if isinstance(result, Written):
                     record = _record(result, model_path.stem, model_hash, model.vae_path)
                     record.update(index=global_index[id(result.planned)], rank=launch.rank)
@@ -320,6 +321,47 @@ def _lora_dir(opts: dict) -> Path:
 
     given = opts.get("lora_dir")
     return Path(given).expanduser() if given else weights_dir(opts["weights_dir"]) / "loras"
+
+
+def tokens_command(prompt: str, model: str | None, steps: int, embeddings_dir, weights_dir) -> None:
+    """`sdcli tokens`: the prompt's reading on stdout, warnings on stderr."""
+    from sdcli.download import resolve_model
+    from sdcli.families import SD1
+    from sdcli.request import MAX_STEPS
+    from sdcli.weights import weights_dir as resolve_weights_dir
+
+    if not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+    directory = resolve_weights_dir(weights_dir)
+    family = SD1 if model is None else _family(resolve_model(model, directory, offline=True))
+    opts = {"embeddings_dir": embeddings_dir, "weights_dir": weights_dir, "show_tokens": True}
+    _show_prompts(opts, family, [(prompt, steps)], lambda m: stderr(f"warning: {m}"), sys.stdout.write)
+
+
+def _embeddings(opts: dict, family, planned: list, warn: Callable[[str], None]):
+    """The embeddings folder; warns about what the prompts probably did not mean, shows their tokens if asked."""
+    texts = dict.fromkeys((p.request.prompt, p.request.steps) for p in planned)
+    texts.update(dict.fromkeys((p.request.negative, p.request.steps) for p in planned if p.request.negative))
+    return _show_prompts(opts, family, list(texts), warn, lambda text: sys.stderr.write(text))
+
+
+def _show_prompts(opts: dict, family, texts: list[tuple[str, int]], warn: Callable[[str], None], out):
+    """Warn about each prompt's doubtful parts; with show_tokens, write how it is read. Returns the library."""
+    from sdcli.embeddings import EmbeddingLibrary
+    from sdcli.prompt_encoding import describe_prompt, prompt_warnings
+    from sdcli.text_encoders import make_tokenizer
+    from sdcli.weights import weights_dir
+
+    library = EmbeddingLibrary(opts.get("embeddings_dir") or weights_dir(opts["weights_dir"]) / "embeddings")
+    for text, steps in texts:
+        for message in prompt_warnings(text, library.missing(text)):
+            warn(message)
+        if opts.get("show_tokens"):
+            spec = family.text_encoders[0]
+            vectors = {name: e.vectors[0] for name, e in library.used_in([text], family).items()}
+            lines = describe_prompt(text, steps, spec, make_tokenizer(spec), vectors)
+            out("\n".join([f"prompt: {text}", *lines]) + "\n")
+    return library
 
 
 def _load(path: Path, opts: dict, warn: Callable[[str], None], patch, launch):

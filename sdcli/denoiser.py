@@ -23,15 +23,22 @@ def guided_unet(
     """The UNet with classifier-free guidance folded in: `(x, t) -> output` for a batch of images.
 
     `cond` and `uncond` hold a batch of prompts' conditioning each; guided calls run both halves as one
-    batch, concatenated field by field. The prediction is uncond + cfg * (cond - uncond), which for eps
-    and for v alike is linear, so guidance in eps, v or x0 space gives the same result.
+    batch, concatenated field by field, when their contexts have the same number of tokens, and as two
+    calls otherwise (long prompts: A1111's default, no padding). The prediction is
+    uncond + cfg * (cond - uncond), which for eps and for v alike is linear, so guidance in eps, v or x0
+    space gives the same result.
     """
-    both = None if uncond is None or cfg == 1.0 else TextConditioning.cat([uncond, cond])
+    guided = uncond is not None and cfg != 1.0
+    same_length = guided and uncond.context.shape[1] == cond.context.shape[1]
+    both = TextConditioning.cat([uncond, cond]) if same_length else None
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if both is None:
+        if not guided:
             return unet(x, t, cond)
-        out_uncond, out_cond = unet(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        if both is not None:
+            out_uncond, out_cond = unet(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        else:
+            out_uncond, out_cond = unet(x, t, uncond), unet(x, t, cond)
         return out_uncond + cfg * (out_cond - out_uncond)
 
     return predict

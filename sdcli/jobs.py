@@ -193,6 +193,9 @@ def job_from_png(path: str) -> PngJob:
             values["mask_blur"] = int(params["Mask blur"])
     except ValueError as e:
         raise ImageError(f"{path}: unreadable generation parameters ({e})") from None
+    # A1111 reads a missing RNG as its default, GPU; sdcli images made before it wrote RNG used the CPU.
+    rng = params.get("RNG", "CPU" if params.get("Version", "").startswith("sdcli") else "GPU")
+    values["rng"] = "cpu" if rng.upper() == "CPU" else "cuda"
     if "Sampler" in params:
         # A1111 1.9+ writes the schedule apart: "Sampler: DPM++ 2M, Schedule type: Karras".
         schedule = params.get("Schedule type", "")

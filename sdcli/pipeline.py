@@ -16,26 +16,24 @@ from PIL import Image
 from sdcli.checkpoint import StableDiffusion
 from sdcli.conditioning import TextConditioning
 from sdcli.denoiser import DiscreteDenoiser, guided_unet
+from sdcli.embeddings import EmbeddingLibrary
 from sdcli.errors import UsageError
 from sdcli.images import from_pil
+from sdcli.prompt_encoding import ScheduledConditioning, encode_schedule, sampler_step
 from sdcli.request import GenerationRequest
+from sdcli.rng_philox import CudaRandn
 from sdcli.sampler_names import SamplerSpec
 from sdcli.schedules import alphas_cumprod_sd, initial_noise_scale, make_sigmas
-from sdcli.text_encoders import combine_outputs, run_text_encoder
 from sdcli.tiling import decode, encode
 
 
 def encode_prompts(model: StableDiffusion, prompts: list[str], clip_skip: int = 1) -> TextConditioning:
-    """Prompts -> their text conditioning (context (B, 77, D), pooled) in float32 on the model's device.
+    """Prompts -> their text conditioning (context (B, 77k, D), pooled) in float32 on the model's device.
 
-    Each of the family's text encoders reads its own tokens; see sdcli.text_encoders.
+    Read as AUTOMATIC1111 reads them (emphasis, chunks, BREAK; editing as at the first of one step); see
+    sdcli.prompt_encoding.
     """
-    outputs = []
-    for spec, encoder, tokenizer in zip(model.family.text_encoders, model.text_encoders, model.tokenizers, strict=True):
-        ids = tokenizer(prompts).to(model.device)
-        with model.use(encoder) as module:
-            outputs.append(run_text_encoder(module, spec, ids, clip_skip))
-    return combine_outputs(outputs)
+    return encode_schedule(model, prompts, 1, clip_skip).at(0)
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -91,8 +89,8 @@ def sample(
     model: StableDiffusion,
     spec: SamplerSpec,
     steps: int,
-    cond: TextConditioning,
-    uncond: TextConditioning | None,
+    cond: TextConditioning | ScheduledConditioning,
+    uncond: TextConditioning | ScheduledConditioning | None,
     cfg: float,
     noise: torch.Tensor,
     generators: list[torch.Generator],
@@ -118,7 +116,18 @@ def sample(
         inputs = (text.context,) if text.pooled is None else (text.context, text.pooled)
         return forward(x.to(dtype), t, *inputs).float()
 
-    predict = guided_unet(unet, cond, uncond, cfg)
+    # Prompt editing: the conditioning of the sampler step in progress (see sdcli.prompt_encoding).
+    conds = [c if isinstance(c, ScheduledConditioning) else ScheduledConditioning((c,), (0,)) for c in (cond, uncond)]
+    guided: dict[tuple[int, int], Callable] = {}
+    step = 0
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        key = (conds[0].index_at(step), 0 if uncond is None else conds[1].index_at(step))
+        if key not in guided:
+            negative = None if uncond is None else conds[1].batches[key[1]]
+            guided[key] = guided_unet(unet, conds[0].batches[key[0]], negative, cfg)
+        return guided[key](x, t)
+
     # The schedule stays on the CPU: samplers compare sigmas in Python, which would otherwise wait for the GPU.
     alphas_cumprod = alphas_cumprod_sd()
     from_image = c.init_latents is not None and c.strength < 1.0
@@ -135,13 +144,19 @@ def sample(
         return init
     x = init + noise * sigmas[0] if from_image else noise * initial_noise_scale(spec.schedule, sigmas[0])
     sigma_start = sigmas[0].item()
-    denoise = denoiser
+
+    def stepped(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        nonlocal step
+        step = sampler_step(sigmas, sigma.reshape(-1)[0].item())
+        return denoiser(x, sigma)
+
+    denoise = stepped
     if keep is not None:
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             if sigma[0].item() >= sigma_start:  # the start is left as it is (pure noise at strength 1, as diffusers)
-                return denoiser(x, sigma)
-            return denoiser(kept(x, init + noise * sigma.view(-1, 1, 1, 1)), sigma)
+                return stepped(x, sigma)
+            return stepped(kept(x, init + noise * sigma.view(-1, 1, 1, 1)), sigma)
 
     # One generator per image: its ancestral/SDE noise continues after its initial noise.
     x = spec.fn(denoise, x, sigmas, generator=generators, callback=callback)
@@ -184,11 +199,13 @@ def generate(
     callback: Callable[[dict], None] | None = None,
     vae_tiling: bool | None = None,
     warn: Callable[[str], None] | None = None,
+    embeddings: EmbeddingLibrary | None = None,
 ) -> torch.Tensor:
     """Generate one image per request, as one batch: txt2img, img2img (init) or inpaint (init and mask).
 
     Returns images in [-1, 1] (B, 3, H, W), float32, on the CPU, before any paste-back of kept pixels.
     `vae_tiling`: True/False forces tiled VAE encode/decode on or off; None decides by free memory.
+    `embeddings`: where the prompts' textual-inversion words are looked up (none without it).
     """
     first = requests[0]
     spec = first.validate(model.family)
@@ -198,11 +215,24 @@ def generate(
         raise ValueError("a mask needs an init image")
     if model.family.is_inpainting and first.mask is None:
         raise UsageError(f"{model.path.name} is an inpainting model: use `sdcli inpaint` with --init and --mask")
-    cond = encode_prompts(model, [r.prompt for r in requests], first.clip_skip)
-    uncond = None if first.cfg == 1.0 else encode_prompts(model, [r.negative for r in requests], first.clip_skip)
+    texts = [text for r in requests for text in (r.prompt, r.negative)]
+    found = {} if embeddings is None else embeddings.used_in(texts, model.family)
+    vectors = {name: embedding.vectors for name, embedding in found.items()}
+    cond = encode_schedule(model, [r.prompt for r in requests], first.steps, first.clip_skip, vectors)
+    uncond = (
+        None
+        if first.cfg == 1.0
+        else encode_schedule(model, [r.negative for r in requests], first.steps, first.clip_skip, vectors)
+    )
     f = model.vae.downscale
     generators = seeded_generators([r.seed for r in requests])
-    noise = draw_noise(generators, (model.family.unet.out_channels, first.height // f, first.width // f), model.device)
+    shape = (model.family.unet.out_channels, first.height // f, first.width // f)
+    noise = draw_noise(generators, shape, model.device)
+    if any(r.rng == "cuda" for r in requests):  # A1111's GPU noise for those seeds; later noise stays the CPU's
+        noise = torch.cat([
+            CudaRandn(r.seed).randn((1, *shape), device=model.device) if r.rng == "cuda" else n[None]
+            for r, n in zip(requests, noise, strict=True)
+        ])  # fmt: skip
     start = prepare_image_start(model, requests, generators, vae_tiling)
     with model.use(model.unet):
         latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, start, callback)

@@ -30,6 +30,7 @@ MAX_PIXELS = 4096 * 4096
 MAX_STEPS = 1000
 MAX_CFG = 100.0  # real use stays below 30; larger values only burn the image out
 MAX_MASK_BLUR = 256
+RNG_SOURCES = ("cpu", "cuda")  # where the initial noise is drawn: torch's CPU generator, or its CUDA one
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Defaults:
     steps: int = 20
     cfg: float = 7.5
     clip_skip: int = 1
+    rng: str = "cpu"
     n: int = 1
     batch_size: int = 1
     max_images: int = 10_000  # per job and per run; `--max-images` raises it
@@ -91,6 +93,7 @@ class GenerationRequest:
     strength: float = 1.0
     mask_blur: int = 0  # how the mask was feathered; recorded in the PNG's parameters
     loras: tuple[LoraRef, ...] = ()  # merged into the weights while this request runs (`sdcli.lora_sets`)
+    rng: str = DEFAULTS.rng
 
     def validate(self, family: Family | None = None) -> SamplerSpec:
         """Check the numbers a user typed (and, given the model's `family`, that it can honour them); return
@@ -112,6 +115,8 @@ class GenerationRequest:
             raise UsageError(f"cfg must be a number between 0 and {MAX_CFG:g}, got {self.cfg}")
         if not (math.isfinite(self.strength) and 0.0 <= self.strength <= 1.0):
             raise UsageError(f"strength must be between 0 and 1, got {self.strength}")
+        if self.rng not in RNG_SOURCES:
+            raise UsageError(f"rng must be one of {', '.join(RNG_SOURCES)}, got {self.rng!r}")
         if not 0 <= self.mask_blur <= MAX_MASK_BLUR:
             raise UsageError(f"mask blur must be between 0 and {MAX_MASK_BLUR} pixels, got {self.mask_blur}")
         most_skip = family.max_clip_skip if family is not None else None

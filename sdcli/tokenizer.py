@@ -92,6 +92,10 @@ class ClipTokenizer:
         encoded = self._tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)
         return encoded["input_ids"]
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each id's BPE text, for showing how a prompt was read: `photo</w>` (a word's end) as `photo`."""
+        return [token.removesuffix("</w>") for token in self._tokenizer.convert_ids_to_tokens(list(ids))]
+
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         """Tokenize a batch of prompts into a (B, max_length) int64 tensor."""
         import torch

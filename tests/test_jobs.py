@@ -51,7 +51,7 @@ def test_job_from_our_png_has_every_setting(tmp_path):
     png = job_from_png(path)
     assert png.job.values == {
         "prompt": "a cat", "negative": "dog", "steps": 12, "cfg": 6.5, "seed": 77, "width": 64, "height": 96,
-        "clip_skip": 2, "sampler": "DPM++ 2M Karras",
+        "clip_skip": 2, "sampler": "DPM++ 2M Karras", "rng": "cpu",
     }  # fmt: skip
     assert (png.model_name, png.model_hash) == ("tiny", "abcdef0123")
 
