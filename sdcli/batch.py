@@ -29,7 +29,7 @@ from sdcli.images import (
 from sdcli.infotext import format_infotext
 from sdcli.jobs import Job
 from sdcli.pipeline import generate
-from sdcli.request import DEFAULTS, MAX_SEED, MIN_SIDE, GenerationRequest
+from sdcli.request import DEFAULTS, MAX_SEED, MIN_SIDE, GenerationRequest, parse_pair
 from sdcli.sampler_names import resolve_sampler
 from sdcli.weights import short_hash
 
@@ -145,7 +145,7 @@ def job_requests(
         strength = 1.0 if init is None else DEFAULTS.strength("inpaint" if mask else "img2img")
     settings = dict(
         prompt=values["prompt"],
-        negative=values.get("negative", ""),
+        negative=values.get("negative"),
         steps=values.get("steps", DEFAULTS.steps),
         cfg=float(values.get("cfg", DEFAULTS.cfg)),
         sampler=values.get("sampler", DEFAULTS.sampler),
@@ -153,6 +153,8 @@ def job_requests(
         clip_skip=values.get("clip_skip", DEFAULTS.clip_skip),
         strength=float(strength),
         mask_blur=values.get("mask_blur", 0) if mask else 0,
+        original_size=_pair(values.get("original_size"), "x", "--original-size"),
+        crop=_pair(values.get("crop"), ",", "--crop") or (0, 0),
     )
     size = (default_size if width is None else width, default_size if height is None else height)
     GenerationRequest(**settings, width=size[0], height=size[1]).validate(family)  # before reading any image
@@ -170,8 +172,16 @@ def job_requests(
     return [first] + [replace(first, seed=first_seed + i) for i in range(1, n)]
 
 
-def infotext_parameters(request: GenerationRequest, model_hash: str, model_name: str) -> dict[str, object]:
-    """The A1111 infotext key/value line for one image, in A1111's order."""
+def _pair(value: object, separator: str, what: str) -> tuple[int, int] | None:
+    """A setting given as "WxH"/"X,Y" text or as a pair, as a pair of ints (None stays None)."""
+    return parse_pair(value, separator, what) if isinstance(value, str) else (tuple(value) if value else None)
+
+
+def infotext_parameters(
+    request: GenerationRequest, model_hash: str, model_name: str, family: Family | None = None
+) -> dict[str, object]:
+    """The A1111 infotext key/value line for one image, in A1111's order, then what the model `family` adds
+    (beyond SD 1.x: the prediction type used; SDXL: its size conditioning)."""
     params: dict[str, object] = {
         "Steps": request.steps,
         "Sampler": resolve_sampler(request.sampler).display_name,
@@ -187,6 +197,12 @@ def infotext_parameters(request: GenerationRequest, model_hash: str, model_name:
         params["Mask blur"] = request.mask_blur
     if request.clip_skip != 1:
         params["Clip skip"] = request.clip_skip
+    if family is not None and not family.name.startswith("sd1"):
+        params["Prediction"] = family.prediction
+    if family is not None and family.unet.adm_in_channels:
+        height, width, top, left, _, _ = request.size_conditioning()
+        params["Original size"] = f"{width}x{height}"
+        params["Crop"] = f"{left},{top}"
     params["Version"] = f"sdcli {__version__}"
     return params
 
@@ -300,7 +316,7 @@ def _make(
         if request.mask is not None:
             image = paste_unmasked(image, request.init, request.mask)
         text = format_infotext(
-            request.prompt, request.negative, infotext_parameters(request, model_hash, model.path.stem)
+            request.prompt, request.negative, infotext_parameters(request, model_hash, model.path.stem, model.family)
         )
         results[index] = Written(item, save_png(image, item.target, text, overwrite=overwrite), seconds)
     return results

@@ -17,7 +17,7 @@ from sdcli.errors import SdcliError, UsageError
 # Options that are per-job settings: a prompt-file line or a PNG's parameters can set them too.
 SETTINGS = (
     "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "n", "clip_skip",
-    "init", "mask", "strength", "mask_blur", "invert_mask", "resize",
+    "init", "mask", "strength", "mask_blur", "invert_mask", "resize", "original_size", "crop",
 )  # fmt: skip
 
 
@@ -52,7 +52,7 @@ def generate_command(command: str, opts: dict) -> int:
     # The model's family (read from the file's header, without loading it) gives the default size and
     # the limits a request is checked against, so every job is checked before the weights load.
     model_path = _model_path(opts, png, warn)
-    family = _family(model_path)
+    family = _family(model_path, opts.get("prediction"))
     if family.is_inpainting and command != "inpaint":
         raise UsageError(f"{model_path.name} is an inpainting model: use `sdcli inpaint` with --init and --mask")
     namer = Namer(opts["output"], opts["outdir"], opts["name"], model_path.stem, overwrite=opts["overwrite"])
@@ -215,12 +215,11 @@ def _model_in_folder(name: str, directory: Path) -> Path | None:
     return None
 
 
-def _family(path: Path):
-    """The model's family, from the file's header alone (no weights read)."""
-    from sdcli.families import detect
-    from sdcli.header import read_header
+def _family(path: Path, prediction: str | None = None):
+    """The model's family, from the file's header (and, for SD 2.x's prediction type, one small tensor)."""
+    from sdcli.prediction import detect_file
 
-    return detect({key: info.shape for key, info in read_header(path).items()})
+    return detect_file(path, prediction)[0]
 
 
 def _load(path: Path, opts: dict, warn: Callable[[str], None]):
@@ -232,7 +231,7 @@ def _load(path: Path, opts: dict, warn: Callable[[str], None]):
     dtype = resolve_dtype(opts["dtype"], device)
     if note := slow_dtype_note(dtype, device):
         warn(note)
-    model = load_model(path, device=device, dtype=dtype, offload=opts["low_memory"])
+    model = load_model(path, device=device, dtype=dtype, offload=opts["low_memory"], prediction=opts.get("prediction"))
     if opts["compile_unet"]:
         compile_unet(model, warn)
     return model

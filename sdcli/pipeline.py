@@ -18,6 +18,7 @@ from sdcli.conditioning import TextConditioning
 from sdcli.denoiser import DiscreteDenoiser, guided_unet
 from sdcli.errors import UsageError
 from sdcli.images import from_pil
+from sdcli.models.sdxl_size import sdxl_y
 from sdcli.request import GenerationRequest
 from sdcli.sampler_names import SamplerSpec
 from sdcli.schedules import alphas_cumprod_sd, initial_noise_scale, make_sigmas
@@ -38,6 +39,33 @@ def encode_prompts(model: StableDiffusion, prompts: list[str], clip_skip: int = 
     return combine_outputs(outputs)
 
 
+def encode_negatives(
+    model: StableDiffusion, requests: list[GenerationRequest], cond: TextConditioning
+) -> TextConditioning:
+    """The unconditional branch's conditioning: each request's negative prompt encoded; where none was given
+    (None), "" encoded, or zeros (shaped as the prompts' `cond`) for families that zero a missing negative
+    prompt (SDXL)."""
+    clip_skip = requests[0].clip_skip
+    missing = [r.negative is None for r in requests]
+    if not model.family.zero_missing_negative or not any(missing):
+        return encode_prompts(model, [r.negative or "" for r in requests], clip_skip)
+    if all(missing):
+        return cond.map(torch.zeros_like)
+    kept = torch.tensor([not m for m in missing], dtype=torch.float32, device=model.device)
+    encoded = encode_prompts(model, [r.negative or "" for r in requests], clip_skip)
+    return encoded.map(lambda t: t * kept.view(-1, *([1] * (t.ndim - 1))))
+
+
+def add_size_conditioning(cond: TextConditioning, requests: list[GenerationRequest]) -> TextConditioning:
+    """SDXL: the pooled embeddings followed by each image's size embeddings, the UNet's `y`."""
+    sizes = torch.tensor([r.size_conditioning() for r in requests], dtype=torch.float32)  # (B, 6)
+    return TextConditioning(cond.context, sdxl_y(cond.pooled, sizes))
+
+
+def _vae_dtype(model: StableDiffusion) -> torch.dtype:
+    return next(model.vae.parameters()).dtype
+
+
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
@@ -56,7 +84,7 @@ def encode_images(
     reproducible from the seed alone. Large images (or `tiling`) are encoded in blended tiles.
     """
     with model.use(model.vae) as vae:
-        mean, logvar = encode(vae, images.to(model.device, model.dtype), tiling=tiling)
+        mean, logvar = encode(vae, images.to(model.device, _vae_dtype(model)), tiling=tiling)
     eps = draw_noise(generators, tuple(mean.shape[1:]), model.device)
     return (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * model.family.scale_factor
 
@@ -72,7 +100,7 @@ def decode_latents(
     Tiled when asked, for large images, or after running out of memory; a half-precision decode that
     overflows is redone in fp32 (see sdcli.tiling.decode).
     """
-    z = (latents / model.family.scale_factor).to(model.dtype)
+    z = (latents / model.family.scale_factor).to(_vae_dtype(model))
     with model.use(model.vae) as vae:
         return decode(vae, z, tiling=tiling, warn=warn).clamp(-1, 1)
 
@@ -199,7 +227,9 @@ def generate(
     if model.family.is_inpainting and first.mask is None:
         raise UsageError(f"{model.path.name} is an inpainting model: use `sdcli inpaint` with --init and --mask")
     cond = encode_prompts(model, [r.prompt for r in requests], first.clip_skip)
-    uncond = None if first.cfg == 1.0 else encode_prompts(model, [r.negative for r in requests], first.clip_skip)
+    uncond = None if first.cfg == 1.0 else encode_negatives(model, requests, cond)
+    if model.family.unet.adm_in_channels:
+        cond, uncond = (None if c is None else add_size_conditioning(c, requests) for c in (cond, uncond))
     f = model.vae.downscale
     generators = seeded_generators([r.seed for r in requests])
     noise = draw_noise(generators, (model.family.unet.out_channels, first.height // f, first.width // f), model.device)
