@@ -285,6 +285,7 @@ def _unet_config(shapes: Mapping[str, tuple[int, ...]], base: UNetConfig) -> UNe
         mult.append(_dims(shapes, f"{UNET_PREFIX}input_blocks.{block}.0.out_layers.3.weight", 4)[0] // model_channels)
         depth.append(_count(shapes, p + rf"input_blocks\.{block}\.1\.transformer_blocks\.(\d+)\."))
     proj_in = shapes[_first_key(shapes, UNET_PREFIX, ".proj_in.weight")]
+    label = UNET_PREFIX + "label_emb.0.0.weight"
     return replace(
         base,
         in_channels=in_channels,
@@ -296,6 +297,7 @@ def _unet_config(shapes: Mapping[str, tuple[int, ...]], base: UNetConfig) -> UNe
         transformer_depth_middle=_count(shapes, p + r"middle_block\.1\.transformer_blocks\.(\d+)\."),
         context_dim=_dims(shapes, _first_key(shapes, UNET_PREFIX, "attn2.to_k.weight"), 2)[1],
         use_linear_in_transformer=len(proj_in) == 2,
+        adm_in_channels=_dims(shapes, label, 2)[1] if label in shapes else 0,
     )
 
 
