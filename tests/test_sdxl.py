@@ -198,3 +198,13 @@ def test_sdxl_vae_avoids_fp16_where_it_overflows(sdxl_file, monkeypatch):
     model = load_model(sdxl_file, dtype=torch.float16)
     assert next(model.unet.parameters()).dtype == torch.float16
     assert next(model.vae.parameters()).dtype == torch.bfloat16  # the CPU runs bf16
+
+
+def test_registry_has_the_official_sd21_and_sdxl_base_files():
+    from sdcli.model_specs import REGISTRY
+
+    assert {n: (REGISTRY[n].family, REGISTRY[n].filename) for n in ("sd21", "sd21-base", "sdxl")} == {
+        "sd21": ("sd2-v", "v2-1_768-ema-pruned.safetensors"),
+        "sd21-base": ("sd2", "v2-1_512-ema-pruned.safetensors"),
+        "sdxl": ("sdxl", "sd_xl_base_1.0.safetensors"),
+    }
