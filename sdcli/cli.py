@@ -140,7 +140,7 @@ def main_options(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
-    """Stable Diffusion from the command line: txt2img, img2img and inpaint with SD 1.x checkpoints."""
+    """Stable Diffusion from the command line: txt2img, img2img and inpaint with SD 1.x, 2.x and SDXL checkpoints."""
 
 
 # Options shared by the generating commands.
