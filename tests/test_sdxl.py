@@ -208,3 +208,14 @@ def test_registry_has_the_official_sd21_and_sdxl_base_files():
         "sd21-base": ("sd2", "v2-1_512-ema-pruned.safetensors"),
         "sdxl": ("sdxl", "sd_xl_base_1.0.safetensors"),
     }
+
+
+def test_from_png_of_an_image_made_without_negative_prompt_regenerates_it(sdxl_file, tmp_path):
+    first = generate(sdxl_file, tmp_path / "first.png", "euler")
+    result = run_cli(
+        "txt2img", "--from-png", tmp_path / "first.png", "-m", sdxl_file, "--dtype", "fp32", "--device", "cpu",
+        "-o", tmp_path / "again.png",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    again = np.asarray(Image.open(tmp_path / "again.png").convert("RGB"), dtype=np.float64) / 255
+    assert np.array_equal(first, again)
