@@ -31,7 +31,7 @@ from sdcli.infotext import format_infotext
 from sdcli.jobs import Job
 from sdcli.lora_sets import infotext_name, lora_hash
 from sdcli.pipeline import generate
-from sdcli.request import DEFAULTS, MAX_SEED, MIN_SIDE, GenerationRequest
+from sdcli.request import DEFAULTS, MAX_SEED, MIN_SIDE, GenerationRequest, parse_pair
 from sdcli.sampler_names import resolve_sampler
 from sdcli.weights import short_hash
 
@@ -148,7 +148,7 @@ def job_requests(
         strength = 1.0 if init is None else DEFAULTS.strength("inpaint" if mask else "img2img")
     settings = dict(
         prompt=values["prompt"],
-        negative=values.get("negative", ""),
+        negative=values.get("negative"),
         steps=values.get("steps", DEFAULTS.steps),
         cfg=float(values.get("cfg", DEFAULTS.cfg)),
         sampler=values.get("sampler", DEFAULTS.sampler),
@@ -158,6 +158,8 @@ def job_requests(
         mask_blur=values.get("mask_blur", 0) if mask else 0,
         loras=tuple(values.get("loras", ())),
         rng=values.get("rng", DEFAULTS.rng),
+        original_size=_pair(values.get("original_size"), "x", "--original-size"),
+        crop=_pair(values.get("crop"), ",", "--crop") or (0, 0),
     )
     size = (default_size if width is None else width, default_size if height is None else height)
     GenerationRequest(**settings, width=size[0], height=size[1]).validate(family)  # before reading any image
@@ -175,15 +177,22 @@ def job_requests(
     return [first] + [replace(first, seed=first_seed + i) for i in range(1, n)]
 
 
+def _pair(value: object, separator: str, what: str) -> tuple[int, int] | None:
+    """A setting given as "WxH"/"X,Y" text or as a pair, as a pair of ints (None stays None)."""
+    return parse_pair(value, separator, what) if isinstance(value, str) else (tuple(value) if value else None)
+
+
 def infotext_parameters(
     request: GenerationRequest,
     model_hash: str,
     model_name: str,
     vae: Path | None = None,
     ti_hashes: str | None = None,
+    family: Family | None = None,
 ) -> dict[str, object]:
     """The A1111 infotext key/value line for one image, in A1111's order; `vae`: the file of a VAE override,
-    `ti_hashes`: the embeddings the prompts used (see sdcli.embeddings)."""
+    `ti_hashes`: the embeddings the prompts used (see sdcli.embeddings); then what the model `family` adds
+    (beyond SD 1.x: the prediction type used; SDXL: its size conditioning)."""
     params: dict[str, object] = {
         "Steps": request.steps,
         "Sampler": resolve_sampler(request.sampler).display_name,
@@ -205,6 +214,12 @@ def infotext_parameters(
         params["Lora hashes"] = ", ".join(f"{infotext_name(r)}: {lora_hash(r.path)}" for r in request.loras)
     params["TI hashes"] = ti_hashes
     params["RNG"] = {"cpu": "CPU", "cuda": "NV"}[request.rng]  # A1111's names; it reads a missing one as GPU
+    if family is not None and not family.name.startswith("sd1"):
+        params["Prediction"] = family.prediction
+    if family is not None and family.unet.adm_in_channels:
+        height, width, top, left, _, _ = request.size_conditioning()
+        params["Original size"] = f"{width}x{height}"
+        params["Crop"] = f"{left},{top}"
     params["Version"] = f"sdcli {__version__}"
     return params
 
@@ -215,9 +230,10 @@ def png_parameters(
     model_name: str,
     vae: Path | None = None,
     ti_hashes: str | None = None,
+    family: Family | None = None,
 ) -> str:
     """The PNG "parameters" text an image is written with (what `--skip-existing` compares)."""
-    params = infotext_parameters(request, model_hash, model_name, vae, ti_hashes)
+    params = infotext_parameters(request, model_hash, model_name, vae, ti_hashes, family)
     return format_infotext(request.prompt, request.negative, params)
 
 
@@ -338,8 +354,8 @@ def _make(
         request = item.request
         if request.mask is not None:
             image = paste_unmasked(image, request.init, request.mask)
-        ti_hashes = embeddings.hashes((request.prompt, request.negative), model.family) if embeddings else None
-        text = png_parameters(request, model_hash, model.path.stem, model.vae_path, ti_hashes)
+        ti_hashes = embeddings.hashes((request.prompt, request.negative or ""), model.family) if embeddings else None
+        text = png_parameters(request, model_hash, model.path.stem, model.vae_path, ti_hashes, model.family)
         try:
             results[index] = Written(item, save_png(image, item.target, text, overwrite=overwrite), seconds)
         except SdcliError as e:  # this image's file only: the other jobs still run

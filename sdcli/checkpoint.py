@@ -27,6 +27,7 @@ from sdcli.families import UNET_PREFIX, VAE_PREFIX, Family, detect
 from sdcli.header import TensorInfo, read_header
 from sdcli.models.unet import UNetModel
 from sdcli.models.vae import AutoencoderKL
+from sdcli.prediction import family_with_prediction
 from sdcli.text_encoders import build_text_encoder, make_tokenizer
 
 # Keys a component's prefix may hold that are not weights of ours: buffers older libraries saved.
@@ -151,7 +152,9 @@ def skipped_initialisers() -> Iterator[None]:
 
 def _mismatch_error(path: Path, component: str, kind: str, keys: list[str]) -> CheckpointError:
     shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-    return CheckpointError(f"{path}: {component}: {kind} {shown}; the file is damaged or not an SD 1.x checkpoint")
+    return CheckpointError(
+        f"{path}: {component}: {kind} {shown}; the file is damaged or not a Stable Diffusion checkpoint sdcli knows"
+    )
 
 
 def load_component(
@@ -271,6 +274,15 @@ def components(
     ]
 
 
+def vae_dtype(family: Family, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The VAE's dtype: the model's, except fp16 for a VAE that overflows there (SDXL's), which gets bf16
+    where the device supports it and fp32 elsewhere, so no image needs the fp32 redo."""
+    if dtype != torch.float16 or not family.vae_fp16_overflows:
+        return dtype
+    bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def load_model(
     path: str | os.PathLike,
     device: torch.device | str = "cpu",
@@ -278,6 +290,7 @@ def load_model(
     offload: bool = False,
     patch: Patch | None = None,
     vae: str | os.PathLike | None = None,
+    prediction: str | None = None,
 ) -> StableDiffusion:
     """Load a single-file SD checkpoint (.safetensors, original layout) for `device` in `dtype`.
 
@@ -291,20 +304,24 @@ def load_model(
     argument, a read-only view of the file. One tensor at a time, so no second copy of the model is held.
 
     `vae`: a single-file VAE to use instead of the checkpoint's (see `vae_file_infos` for the layouts).
+
+    `prediction` ("eps" or "v") overrides what the file says its UNet predicts (see `sdcli.prediction`).
     """
     device = torch.device(device)
     path = Path(path)
     infos = read_header(path)
-    family = detect({k: v.shape for k, v in infos.items()})
+    family, _ = family_with_prediction(path, infos, detect({k: v.shape for k, v in infos.items()}), prediction)
     conv_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     target = "cpu" if offload else device
+    parts = components(family, conv_format)
+    dtypes = [dtype] * (len(parts) - 1) + [vae_dtype(family, dtype, device)]  # the VAE comes last
     vae_path = None if vae is None else Path(vae)
     with TensorReader(path) as reader:
         *text_encoders, unet, vae_module = [
-            load_vae_file(vae_path, build, dtype, target, memory_format)
+            load_vae_file(vae_path, build, part_dtype, target, memory_format)
             if vae_path is not None and prefix == VAE_PREFIX
-            else load_component(path, reader, infos, prefix, build, dtype, target, memory_format, patch)
-            for prefix, build, memory_format in components(family, conv_format)
+            else load_component(path, reader, infos, prefix, build, part_dtype, target, memory_format, patch)
+            for (prefix, build, memory_format), part_dtype in zip(parts, dtypes, strict=True)
         ]
     return StableDiffusion(
         family, tuple(text_encoders), unet, vae_module, path, device, dtype, offload, vae_path=vae_path

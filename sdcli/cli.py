@@ -140,12 +140,20 @@ def main_options(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
-    """Stable Diffusion from the command line: txt2img, img2img and inpaint with SD 1.x checkpoints."""
+    """Stable Diffusion from the command line: txt2img, img2img and inpaint with SD 1.x, 2.x and SDXL checkpoints."""
 
 
 # Options shared by the generating commands.
 Prompt = Annotated[str | None, typer.Argument(help="What to draw.", show_default=False)]
-Negative = Annotated[str, typer.Option("--negative", "--negative-prompt", "-n", help="What to steer away from.")]
+Negative = Annotated[
+    str | None,
+    typer.Option(
+        "--negative",
+        "--negative-prompt",
+        "-n",
+        help='What to steer away from. Not given: SDXL uses zero embeddings (as diffusers), others encode "".',
+    ),
+]
 Model = Annotated[
     str | None,
     typer.Option(
@@ -210,6 +218,24 @@ EmbeddingsDir = Annotated[
 ShowTokens = Annotated[
     bool, typer.Option("--show-tokens", help="Print on stderr how each prompt is read: chunks, tokens, weights.")
 ]
+ClipSkip = Annotated[
+    int,
+    typer.Option(min=1, help="1 = the model's usual text encoder layer, 2 = the one before it (A1111)."),
+]
+PredictionType = Annotated[
+    Literal["eps", "v"] | None,
+    typer.Option(
+        "--prediction",
+        help="What the UNet predicts, for files that do not say [default: the file's v_pred key, NAME.yaml "
+        "beside it, SD 2.x's heuristic, else eps].",
+        show_default=False,
+    ),
+]
+OriginalSize = Annotated[
+    str | None,
+    typer.Option("--original-size", help="SDXL: the original image size WxH it conditions on [default: the size]."),
+]
+Crop = Annotated[str | None, typer.Option("--crop", help="SDXL: the crop's top-left corner X,Y [default: 0,0].")]
 Device = Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")]
 Dtype = Annotated[
     str, typer.Option(help="auto (fp16 on GPUs, bf16 on CPUs with native bf16, else fp32), fp16, bf16, fp32.")
@@ -294,7 +320,7 @@ def txt2img(
     ctx: typer.Context,
     prompt: Prompt = None,
     from_png: FromPng = None,
-    negative: Negative = "",
+    negative: Negative = None,
     model: Model = None,
     width: Width = None,
     height: Height = None,
@@ -314,6 +340,9 @@ def txt2img(
     rng: Rng = DEFAULTS.rng,
     embeddings_dir: EmbeddingsDir = None,
     show_tokens: ShowTokens = False,
+    prediction: PredictionType = None,
+    original_size: OriginalSize = None,
+    crop: Crop = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
@@ -346,7 +375,7 @@ def img2img(
         float, typer.Option(help="How much to change: 0 keeps the image, 1 ignores it.")
     ] = DEFAULTS.img2img_strength,
     resize: Resize = DEFAULTS.resize,
-    negative: Negative = "",
+    negative: Negative = None,
     model: Model = None,
     width: Width = None,
     height: Height = None,
@@ -366,6 +395,9 @@ def img2img(
     rng: Rng = DEFAULTS.rng,
     embeddings_dir: EmbeddingsDir = None,
     show_tokens: ShowTokens = False,
+    prediction: PredictionType = None,
+    original_size: OriginalSize = None,
+    crop: Crop = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
@@ -403,7 +435,7 @@ def inpaint(
         bool, typer.Option("--invert-mask", help="Repaint the black area instead.")
     ] = DEFAULTS.invert_mask,
     resize: Resize = DEFAULTS.resize,
-    negative: Negative = "",
+    negative: Negative = None,
     model: Model = None,
     width: Width = None,
     height: Height = None,
@@ -423,6 +455,9 @@ def inpaint(
     rng: Rng = DEFAULTS.rng,
     embeddings_dir: EmbeddingsDir = None,
     show_tokens: ShowTokens = False,
+    prediction: PredictionType = None,
+    original_size: OriginalSize = None,
+    crop: Crop = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
@@ -496,13 +531,14 @@ def models(
     weights_dir: WeightsDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per model on stdout.")] = False,
 ) -> None:
-    """List the models in the weights folder: name, family, size, dtype and short hash.
+    """List the models in the weights folder: name, family, prediction (eps/v), size, dtype and short hash.
 
     A file that cannot be read is listed as unreadable, with the reason; the listing goes on.
     """
     from sdcli.errors import CheckpointError
     from sdcli.families import detect
     from sdcli.header import read_header
+    from sdcli.prediction import family_with_prediction
     from sdcli.weights import list_local_models, require_weights_dir, short_hash
     from sdcli.weights import weights_dir as resolve_weights_dir
 
@@ -520,7 +556,9 @@ def models(
             dtypes = sorted({v.dtype for k, v in header.items() if k.startswith("model.diffusion_model.")})
             info["dtype"] = "/".join(dtypes) or "?"
             try:
-                info["family"] = detect({k: v.shape for k, v in header.items()}).name
+                family = detect({k: v.shape for k, v in header.items()})
+                family, prediction = family_with_prediction(path, header, family)
+                info.update(family=family.name, prediction=prediction.kind, prediction_source=prediction.source)
             except CheckpointError as e:
                 info.update(family="unknown", error=str(e))
         try:
@@ -532,7 +570,9 @@ def models(
             typer.echo(json.dumps(info))
         else:
             size = "?" if info["size"] is None else f"{info['size'] / 1e9:.2f} GB"
-            line = f"{info['name']:<40} {info['family']:<12} {size:>9} {info['dtype']:<6} {info['hash'] or '-'}"
+            predicts = info.get("prediction", "?")
+            line = f"{info['name']:<40} {info['family']:<12} {predicts:<4} {size:>9} {info['dtype']:<6} "
+            line += info["hash"] or "-"
             typer.echo(line + (f"  ({info['error']})" if "error" in info else ""))
 
 

@@ -20,7 +20,7 @@ from sdcli.errors import SdcliError, UsageError
 # Options that are per-job settings: a prompt-file line or a PNG's parameters can set them too.
 SETTINGS = (
     "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "n", "clip_skip",
-    "init", "mask", "strength", "mask_blur", "invert_mask", "resize", "rng",
+    "init", "mask", "strength", "mask_blur", "invert_mask", "resize", "rng", "original_size", "crop",
 )  # fmt: skip
 
 
@@ -71,7 +71,7 @@ def _generate_command(command: str, opts: dict, group) -> int:
     # The model's family (read from the file's header, without loading it) gives the default size and
     # the limits a request is checked against, so every job is checked before the weights load.
     model_path = _model_path(opts, png, warn)
-    family = _family(model_path)
+    family = _family(model_path, opts.get("prediction"))
     if family.is_inpainting and command != "inpaint":
         raise UsageError(f"{model_path.name} is an inpainting model: use `sdcli inpaint` with --init and --mask")
     # With --skip-existing names start at 0 (not after the folder's highest number), so a re-run finds them.
@@ -300,12 +300,11 @@ def _model_in_folder(name: str, directory: Path) -> Path | None:
     return None
 
 
-def _family(path: Path):
-    """The model's family, from the file's header alone (no weights read)."""
-    from sdcli.families import detect
-    from sdcli.header import read_header
+def _family(path: Path, prediction: str | None = None):
+    """The model's family, from the file's header (and, for SD 2.x's prediction type, one small tensor)."""
+    from sdcli.prediction import detect_file
 
-    return detect({key: info.shape for key, info in read_header(path).items()})
+    return detect_file(path, prediction)[0]
 
 
 def _check_vae(path: Path) -> None:
@@ -374,7 +373,10 @@ def _load(path: Path, opts: dict, warn: Callable[[str], None], patch, launch):
     dtype = resolve_dtype(opts["dtype"], device)
     if note := slow_dtype_note(dtype, device):
         warn(note)
-    model = load_model(path, device=device, dtype=dtype, offload=opts["low_memory"], patch=patch, vae=opts.get("vae"))
+    model = load_model(
+        path, device=device, dtype=dtype, offload=opts["low_memory"], patch=patch, vae=opts.get("vae"),
+        prediction=opts.get("prediction"),
+    )  # fmt: skip
     if opts["compile_unet"]:
         compile_unet(model, warn)
     return model

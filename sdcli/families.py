@@ -13,53 +13,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from sdcli.errors import CheckpointError
+from sdcli.models.configs import (
+    OPENCLIP_BIGG,
+    OPENCLIP_H,
+    SD2_UNET,
+    SDXL_UNET,
+    ClipConfig,
+    OpenClipConfig,
+    UNetConfig,
+    VAEConfig,
+)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    in_channels: int = 4
-    out_channels: int = 4
-    model_channels: int = 320
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    # Transformer blocks per level; 0 means the level has no attention (SD 1.x: the first three levels).
-    transformer_depth: tuple[int, ...] = (1, 1, 1, 0)
-    transformer_depth_middle: int = 1
-    num_heads: int = 8  # SD 1.x fixes the head count ...
-    num_head_channels: int = -1  # ... SD 2.x and SDXL fix the head width instead (64) when this is > 0.
-    context_dim: int = 768
-    use_linear_in_transformer: bool = False  # SD 2.x+: proj_in/proj_out are Linear, not 1x1 conv.
-    norm_groups: int = 32
-    # SDXL: width of the extra vector `y` (pooled text + size embeddings) added to the time embedding; 0: none.
-    adm_in_channels: int = 0
-
-
-@dataclass(frozen=True)
-class VAEConfig:
-    in_channels: int = 3
-    out_ch: int = 3
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 4
-    embed_dim: int = 4
-    norm_groups: int = 32
-
-
-@dataclass(frozen=True)
-class ClipConfig:
-    vocab_size: int = 49408
-    max_position_embeddings: int = 77
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
+OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x's OpenCLIP ViT-H
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."
 
 
 @dataclass(frozen=True)
@@ -74,7 +44,7 @@ class TextEncoderSpec:
     """
 
     prefix: str
-    config: ClipConfig
+    config: ClipConfig | OpenClipConfig
     layer: int = -1
     final_norm: bool = True
     pooled: bool = False
@@ -101,6 +71,11 @@ class Family:
     scale_factor: float = 0.18215  # latents = VAE mean * scale_factor, applied by the pipeline
     prediction: str = "eps"  # "eps" or "v"
     default_size: int = 512
+    # No negative prompt given: the unconditional branch gets zero embeddings instead of encoding "" (SDXL,
+    # as Stability's sampling code and diffusers' `force_zeros_for_empty_prompt`; A1111 encodes "").
+    zero_missing_negative: bool = False
+    # The VAE overflows in fp16 (SDXL's): it runs in bf16, or fp32 where bf16 is not supported.
+    vae_fp16_overflows: bool = False
 
     @property
     def max_clip_skip(self) -> int:
@@ -117,7 +92,21 @@ class Family:
 SD1_CLIP = TextEncoderSpec(CLIP_PREFIX, ClipConfig())
 SD1 = Family("sd1", UNetConfig(), VAEConfig(), (SD1_CLIP,))
 SD1_INPAINT = replace(SD1, name="sd1-inpaint", unet=replace(SD1.unet, in_channels=9))
-FAMILIES = {f.name: f for f in (SD1, SD1_INPAINT)}
+# SD 2.x: OpenCLIP ViT-H's penultimate layer followed by ln_final, padded with 0 as open_clip's tokenizer
+# does. The 512 base and the 768 v model have the same shapes: `sdcli.prediction` tells them apart.
+SD2_CLIP = TextEncoderSpec(OPENCLIP_PREFIX, OPENCLIP_H, layer=-2, final_norm=True, pad_id=0)
+SD2 = Family("sd2", SD2_UNET, VAEConfig(), (SD2_CLIP,))
+SD2_V = replace(SD2, name="sd2-v", prediction="v", default_size=768)
+SD2_INPAINT = replace(SD2, name="sd2-inpaint", unet=replace(SD2_UNET, in_channels=9))
+# SDXL: both towers' penultimate layers without final norm, side by side (768 + 1280 = 2048 wide); bigG's
+# pooled output (final-normed last layer at the end token, projected) feeds the UNet's label embedding.
+SDXL_CLIP_L = TextEncoderSpec(SDXL_CLIP_L_PREFIX, ClipConfig(), layer=-2, final_norm=False)
+SDXL_BIGG = TextEncoderSpec(SDXL_BIGG_PREFIX, OPENCLIP_BIGG, layer=-2, final_norm=False, pooled=True, pad_id=0)
+SDXL = Family(
+    "sdxl", SDXL_UNET, VAEConfig(), (SDXL_CLIP_L, SDXL_BIGG), scale_factor=0.13025, default_size=1024,
+    zero_missing_negative=True, vae_fp16_overflows=True,
+)  # fmt: skip
+FAMILIES = {f.name: f for f in (SD1, SD1_INPAINT, SD2, SD2_V, SD2_INPAINT, SDXL)}
 
 
 @dataclass(frozen=True)
@@ -167,19 +156,19 @@ class Signature:
         return Signature(prefixes, measured.unet_in_channels, measured.adm_in_channels is not None)
 
 
-# Detection's second step: the family whose signature the header shows. SD 2.x (OpenCLIP ViT-H under
-# "cond_stage_model.model.", eps or v: the shapes are the same, so the prediction type is decided after
-# detection) and SDXL (CLIP-L under "conditioner.embedders.0.transformer.", OpenCLIP bigG under
-# "conditioner.embedders.1.model.", label embedding) join this table when their modules exist.
+# Detection's second step: the family whose signature the header shows. SD 2.x is eps or v with the same
+# shapes: the prediction type is decided after detection (`sdcli.prediction`).
 FAMILY_TABLE: dict[Signature, Family] = {
     Signature((CLIP_PREFIX,), 4): SD1,
     Signature((CLIP_PREFIX,), 9): SD1_INPAINT,
+    Signature((OPENCLIP_PREFIX,), 4): SD2,
+    Signature((OPENCLIP_PREFIX,), 9): SD2_INPAINT,
+    Signature((SDXL_CLIP_L_PREFIX, SDXL_BIGG_PREFIX), 4, label_emb=True): SDXL,
 }
-# Layouts recognised but not loadable yet: (text encoder prefixes, what to call them).
+# Layouts recognised but not loadable: (text encoder prefixes, what to call them and what to do).
 NOT_YET_SUPPORTED = (
-    (("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."), "an SDXL checkpoint"),
-    (("conditioner.embedders.0.model.",), "an SDXL refiner checkpoint"),
-    (("cond_stage_model.model.",), "an SD 2.x checkpoint (OpenCLIP text encoder)"),
+    (("conditioner.embedders.0.model.",), "an SDXL refiner checkpoint: not supported; use an SDXL base model"),
+    ((SDXL_CLIP_L_PREFIX, SDXL_BIGG_PREFIX), "an SDXL checkpoint of a kind sdcli does not load (e.g. inpainting)"),
 )
 # Where text encoders sit in the known layouts, and the key that marks each kind of tower.
 TEXT_ENCODER_PREFIXES = (
@@ -203,7 +192,7 @@ def detect(shapes: Mapping[str, tuple[int, ...]]) -> Family:
     """
     measured = measure(shapes)
     base = match(measured)
-    encoders = tuple(replace(spec, config=_clip_config(shapes, spec.prefix)) for spec in base.text_encoders)
+    encoders = tuple(replace(spec, config=_tower_config(shapes, spec)) for spec in base.text_encoders)
     return replace(base, unet=_unet_config(shapes, base.unet), vae=_vae_config(shapes), text_encoders=encoders)
 
 
@@ -236,7 +225,7 @@ def match(measured: Measured) -> Family:
         return family
     for prefixes, what in NOT_YET_SUPPORTED:
         if signature.text_encoders == prefixes:
-            raise CheckpointError(f"this is {what}: not supported yet")
+            raise CheckpointError(f"this is {what}")
     known = ", ".join(f.name for f in FAMILY_TABLE.values())
     raise CheckpointError(f"unknown checkpoint layout: found {measured.describe()}; sdcli loads: {known}")
 
@@ -296,6 +285,7 @@ def _unet_config(shapes: Mapping[str, tuple[int, ...]], base: UNetConfig) -> UNe
         mult.append(_dims(shapes, f"{UNET_PREFIX}input_blocks.{block}.0.out_layers.3.weight", 4)[0] // model_channels)
         depth.append(_count(shapes, p + rf"input_blocks\.{block}\.1\.transformer_blocks\.(\d+)\."))
     proj_in = shapes[_first_key(shapes, UNET_PREFIX, ".proj_in.weight")]
+    label = UNET_PREFIX + "label_emb.0.0.weight"
     return replace(
         base,
         in_channels=in_channels,
@@ -307,6 +297,7 @@ def _unet_config(shapes: Mapping[str, tuple[int, ...]], base: UNetConfig) -> UNe
         transformer_depth_middle=_count(shapes, p + r"middle_block\.1\.transformer_blocks\.(\d+)\."),
         context_dim=_dims(shapes, _first_key(shapes, UNET_PREFIX, "attn2.to_k.weight"), 2)[1],
         use_linear_in_transformer=len(proj_in) == 2,
+        adm_in_channels=_dims(shapes, label, 2)[1] if label in shapes else 0,
     )
 
 
@@ -326,6 +317,35 @@ def _vae_config(shapes: Mapping[str, tuple[int, ...]]) -> VAEConfig:
         z_channels=_dims(shapes, VAE_PREFIX + "decoder.conv_in.weight", 4)[1],
         embed_dim=_dims(shapes, VAE_PREFIX + "post_quant_conv.weight", 4)[1],
     )
+
+
+def _tower_config(shapes: Mapping[str, tuple[int, ...]], spec: TextEncoderSpec) -> ClipConfig | OpenClipConfig:
+    """`spec`'s tower config with the sizes the shapes show."""
+    if isinstance(spec.config, OpenClipConfig):
+        return _open_clip_config(shapes, spec.prefix, spec.config)
+    return _clip_config(shapes, spec.prefix)
+
+
+def _open_clip_config(shapes: Mapping[str, tuple[int, ...]], prefix: str, base: OpenClipConfig) -> OpenClipConfig:
+    vocab_size, width = _dims(shapes, prefix + "token_embedding.weight", 2)
+    return replace(
+        base,
+        vocab_size=vocab_size,
+        context_length=_dims(shapes, prefix + "positional_embedding", 2)[0],
+        width=width,
+        layers=_count(shapes, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."),
+        heads=max(1, width // 64),  # ViT-H and bigG both use 64-wide heads
+        mlp_width=_dims(shapes, prefix + "transformer.resblocks.0.mlp.c_fc.weight", 2)[0],
+        projection_dim=_dims(shapes, prefix + "text_projection", 2)[1],
+    )
+
+
+def with_prediction(family: Family, prediction: str) -> Family:
+    """`family` predicting `prediction` ("eps" or "v"); SD 2.x's two text-to-image models have names of their own."""
+    if family.name in (SD2.name, SD2_V.name):
+        variant = SD2_V if prediction == "v" else SD2
+        return replace(family, name=variant.name, prediction=prediction, default_size=variant.default_size)
+    return replace(family, prediction=prediction)
 
 
 def _clip_config(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> ClipConfig:

@@ -174,7 +174,7 @@ def job_from_png(path: str) -> PngJob:
     if not text:
         raise ImageError(f"{path} has no generation parameters (no 'parameters' text chunk) to reproduce")
     prompt, negative, params = parse_infotext(text)
-    values: dict[str, object] = {"prompt": prompt, "negative": negative}
+    values: dict[str, object] = {"prompt": prompt, "negative": negative or None}  # none written: none given
     try:
         if "Steps" in params:
             values["steps"] = int(params["Steps"])

@@ -19,6 +19,7 @@ from sdcli.denoiser import DiscreteDenoiser, guided_unet
 from sdcli.embeddings import EmbeddingLibrary
 from sdcli.errors import UsageError
 from sdcli.images import from_pil
+from sdcli.models.sdxl_size import sdxl_y
 from sdcli.prompt_encoding import ScheduledConditioning, encode_schedule, sampler_step
 from sdcli.request import GenerationRequest
 from sdcli.rng_philox import CudaRandn
@@ -34,6 +35,39 @@ def encode_prompts(model: StableDiffusion, prompts: list[str], clip_skip: int = 
     sdcli.prompt_encoding.
     """
     return encode_schedule(model, prompts, 1, clip_skip).at(0)
+
+
+def encode_negatives(
+    model: StableDiffusion,
+    requests: list[GenerationRequest],
+    cond: ScheduledConditioning,
+    embeddings: dict | None = None,
+) -> ScheduledConditioning:
+    """The unconditional branch's conditioning: each request's negative prompt encoded; where none was given
+    (None), "" encoded, or zeros (shaped as the prompts' `cond`) for families that zero a missing negative
+    prompt (SDXL)."""
+    first = requests[0]
+    missing = [r.negative is None for r in requests]
+    if model.family.zero_missing_negative and all(missing):
+        return ScheduledConditioning(tuple(c.map(torch.zeros_like) for c in cond.batches), cond.step_batch)
+    negatives = [r.negative or "" for r in requests]
+    encoded = encode_schedule(model, negatives, first.steps, first.clip_skip, embeddings)
+    if not model.family.zero_missing_negative or not any(missing):
+        return encoded
+    kept = torch.tensor([not m for m in missing], dtype=torch.float32, device=model.device)
+    batches = tuple(c.map(lambda t: t * kept.view(-1, *([1] * (t.ndim - 1)))) for c in encoded.batches)
+    return ScheduledConditioning(batches, encoded.step_batch)
+
+
+def add_size_conditioning(cond: ScheduledConditioning, requests: list[GenerationRequest]) -> ScheduledConditioning:
+    """SDXL: the pooled embeddings followed by each image's size embeddings, the UNet's `y`, at every step."""
+    sizes = torch.tensor([r.size_conditioning() for r in requests], dtype=torch.float32)  # (B, 6)
+    batches = tuple(TextConditioning(c.context, sdxl_y(c.pooled, sizes.to(c.pooled))) for c in cond.batches)
+    return ScheduledConditioning(batches, cond.step_batch)
+
+
+def _vae_dtype(model: StableDiffusion) -> torch.dtype:
+    return next(model.vae.parameters()).dtype
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -54,7 +88,7 @@ def encode_images(
     reproducible from the seed alone. Large images (or `tiling`) are encoded in blended tiles.
     """
     with model.use(model.vae) as vae:
-        mean, logvar = encode(vae, images.to(model.device, model.dtype), tiling=tiling)
+        mean, logvar = encode(vae, images.to(model.device, _vae_dtype(model)), tiling=tiling)
     eps = draw_noise(generators, tuple(mean.shape[1:]), model.device)
     return (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * model.family.scale_factor
 
@@ -70,7 +104,7 @@ def decode_latents(
     Tiled when asked, for large images, or after running out of memory; a half-precision decode that
     overflows is redone in fp32 (see sdcli.tiling.decode).
     """
-    z = (latents / model.family.scale_factor).to(model.dtype)
+    z = (latents / model.family.scale_factor).to(_vae_dtype(model))
     with model.use(model.vae) as vae:
         return decode(vae, z, tiling=tiling, warn=warn).clamp(-1, 1)
 
@@ -215,15 +249,13 @@ def generate(
         raise ValueError("a mask needs an init image")
     if model.family.is_inpainting and first.mask is None:
         raise UsageError(f"{model.path.name} is an inpainting model: use `sdcli inpaint` with --init and --mask")
-    texts = [text for r in requests for text in (r.prompt, r.negative)]
+    texts = [text for r in requests for text in (r.prompt, r.negative or "")]
     found = {} if embeddings is None else embeddings.used_in(texts, model.family)
     vectors = {name: embedding.vectors for name, embedding in found.items()}
     cond = encode_schedule(model, [r.prompt for r in requests], first.steps, first.clip_skip, vectors)
-    uncond = (
-        None
-        if first.cfg == 1.0
-        else encode_schedule(model, [r.negative for r in requests], first.steps, first.clip_skip, vectors)
-    )
+    uncond = None if first.cfg == 1.0 else encode_negatives(model, requests, cond, vectors)
+    if model.family.unet.adm_in_channels:
+        cond, uncond = (None if c is None else add_size_conditioning(c, requests) for c in (cond, uncond))
     f = model.vae.downscale
     generators = seeded_generators([r.seed for r in requests])
     shape = (model.family.unet.out_channels, first.height // f, first.width // f)

@@ -61,6 +61,16 @@ class Defaults:
 DEFAULTS = Defaults()
 
 
+def parse_pair(text: str, separator: str, what: str) -> tuple[int, int]:
+    """ "1024x768" (separator "x") or "0,32" (separator ",") -> (1024, 768), (0, 32); else a UsageError that
+    says what `what` should look like."""
+    parts = text.lower().replace(" ", "").split(separator)
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        example = f"1024{separator}1024" if separator == "x" else f"0{separator}0"
+        raise UsageError(f"{what} must be two whole numbers like {example}, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def random_seed() -> int:
     """A fresh random seed, small enough that seed + i stays valid for any number of images."""
     return secrets.randbelow(2**31)
@@ -80,7 +90,9 @@ class GenerationRequest:
     """
 
     prompt: str
-    negative: str = ""
+    # None: no negative prompt given. Most families encode "" then; SDXL (as Stability's code and diffusers)
+    # gives the unconditional branch zero embeddings instead (`Family.zero_missing_negative`).
+    negative: str | None = None
     width: int = DEFAULTS.size
     height: int = DEFAULTS.size
     steps: int = DEFAULTS.steps
@@ -94,6 +106,15 @@ class GenerationRequest:
     mask_blur: int = 0  # how the mask was feathered; recorded in the PNG's parameters
     loras: tuple[LoraRef, ...] = ()  # merged into the weights while this request runs (`sdcli.lora_sets`)
     rng: str = DEFAULTS.rng
+    # SDXL's size conditioning: the original image size (width, height; None: this image's size) and the
+    # crop's top-left corner (x, y), as `--original-size WxH` and `--crop X,Y`.
+    original_size: tuple[int, int] | None = None
+    crop: tuple[int, int] = (0, 0)
+
+    def size_conditioning(self) -> tuple[int, int, int, int, int, int]:
+        """SDXL's six numbers: original height and width, crop top and left, target height and width."""
+        width, height = self.original_size or (self.width, self.height)
+        return (height, width, self.crop[1], self.crop[0], self.height, self.width)
 
     def validate(self, family: Family | None = None) -> SamplerSpec:
         """Check the numbers a user typed (and, given the model's `family`, that it can honour them); return
@@ -119,6 +140,10 @@ class GenerationRequest:
             raise UsageError(f"rng must be one of {', '.join(RNG_SOURCES)}, got {self.rng!r}")
         if not 0 <= self.mask_blur <= MAX_MASK_BLUR:
             raise UsageError(f"mask blur must be between 0 and {MAX_MASK_BLUR} pixels, got {self.mask_blur}")
+        if self.original_size is not None and not all(1 <= v <= 65536 for v in self.original_size):
+            raise UsageError(f"original size must be WxH with sides from 1 to 65536, got {self.original_size}")
+        if not all(0 <= v <= 65536 for v in self.crop):
+            raise UsageError(f"crop must be X,Y with 0 <= X, Y <= 65536, got {self.crop}")
         most_skip = family.max_clip_skip if family is not None else None
         if self.clip_skip < 1 or (most_skip is not None and self.clip_skip > most_skip):
             most = f" and at most {most_skip} (the text encoder's layer count)" if most_skip is not None else ""

@@ -17,6 +17,8 @@ from sdcli.conditioning import TextConditioning
 from sdcli.errors import UsageError
 from sdcli.families import ClipConfig, TextEncoderSpec
 from sdcli.models.clip import ClipTextModel
+from sdcli.models.configs import OpenClipConfig
+from sdcli.models.openclip import OpenClipTextModel
 
 # (module, ids, spec, layers to run) -> (context (B, T, D), pooled (B, P) or None)
 EncodeFn = Callable[[nn.Module, torch.Tensor, TextEncoderSpec, int], tuple[torch.Tensor, torch.Tensor | None]]
@@ -47,8 +49,19 @@ def encode_clip(
     return context, text_model.final_layer_norm(x)[torch.arange(len(ids), device=ids.device), ends]  # (B, D)
 
 
+def encode_open_clip(
+    module: OpenClipTextModel, ids: torch.Tensor, spec: TextEncoderSpec, layers: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The OpenCLIP tower (SD 2.x, SDXL's second): the output of its first `layers` blocks, `ln_final`-ed if
+    the spec says so; pooled = OpenCLIP's projected text embedding of the last block."""
+    return module.encode(ids, layers - module.cfg.layers - 1, spec.final_norm, spec.pooled)
+
+
 # One entry per tower architecture; a new text encoder module registers its config type here.
-TOWERS: dict[type, TowerKind] = {ClipConfig: TowerKind(ClipTextModel, encode_clip)}
+TOWERS: dict[type, TowerKind] = {
+    ClipConfig: TowerKind(ClipTextModel, encode_clip),
+    OpenClipConfig: TowerKind(OpenClipTextModel, encode_open_clip),
+}
 
 
 def _tower(spec: TextEncoderSpec) -> TowerKind:

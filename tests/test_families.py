@@ -65,11 +65,13 @@ def open_clip_tower(prefix: str, width: int = 64) -> dict:
         prefix + "token_embedding.weight": (1000, width),
         prefix + "positional_embedding": (77, width),
         prefix + "transformer.resblocks.0.attn.in_proj_weight": (3 * width, width),
+        prefix + "transformer.resblocks.0.mlp.c_fc.weight": (4 * width, width),
         prefix + "ln_final.weight": (width,),
+        prefix + "text_projection": (width, 32),
     }
 
 
-def test_sd2_sdxl_and_refiner_layouts_are_named(small_state):
+def test_sd2_and_sdxl_layouts_are_detected_and_the_refiner_is_refused(small_state):
     sd1 = shapes_of(small_state)
     without_clip = {k: v for k, v in sd1.items() if not k.startswith(CLIP_PREFIX)}
     sd2 = without_clip | open_clip_tower("cond_stage_model.model.")
@@ -78,9 +80,12 @@ def test_sd2_sdxl_and_refiner_layouts_are_named(small_state):
     )
     sdxl[UNET_PREFIX + "label_emb.0.0.weight"] = (128, 2816)
     refiner = without_clip | open_clip_tower("conditioner.embedders.0.model.")
-    for shapes, name in ((sd2, "SD 2"), (sdxl, "an SDXL checkpoint"), (refiner, "SDXL refiner")):
-        with pytest.raises(CheckpointError, match=name):
-            detect(shapes)
+    assert detect(sd2).name == "sd2" and detect(sd2).text_encoders[0].config.width == 64
+    found = detect(sdxl)
+    assert (found.name, found.scale_factor, found.default_size) == ("sdxl", 0.13025, 1024)
+    assert [type(s.config).__name__ for s in found.text_encoders] == ["ClipConfig", "OpenClipConfig"]
+    with pytest.raises(CheckpointError, match="SDXL refiner checkpoint: not supported"):
+        detect(refiner)
     assert measure(sdxl).adm_in_channels == 2816
     assert [t.kind for t in measure(sdxl).text_encoders] == ["clip", "open_clip"]
 

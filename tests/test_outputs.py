@@ -180,7 +180,7 @@ def test_from_png_looks_the_model_up_by_name_in_the_weights_folder_only(tiny_che
 
 def test_without_a_size_the_model_familys_default_size_is_used(tiny_checkpoint, tmp_path, monkeypatch):
     real_family = cli_generate._family
-    monkeypatch.setattr(cli_generate, "_family", lambda path: replace(real_family(path), default_size=72))
+    monkeypatch.setattr(cli_generate, "_family", lambda *args: replace(real_family(*args), default_size=72))
     result = run_cli("txt2img", "x", "-m", tiny_checkpoint, "--steps", 1, "-W", 64, "-o", tmp_path / "a.png")
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "a.png").size == (64, 72)

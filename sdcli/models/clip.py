@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdcli.families import ClipConfig
+from sdcli.models.configs import ClipConfig
 from sdcli.models.layers import attention, run_blocks
 
 ACTIVATIONS = {

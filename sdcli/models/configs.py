@@ -1,4 +1,5 @@
-"""The full-size network configs of SD 2.x and SDXL, as data (no torch: detection imports this cheaply).
+"""The networks' frozen configs, and the full-size ones of SD 2.x and SDXL, as data (no torch: detection
+imports this cheaply; `sdcli.families` re-exports the SD 1.x ones).
 
 Numbers from Stability's configs (`v2-inference.yaml`, `sd_xl_base.yaml`) and OpenCLIP's model configs
 (`ViT-H-14.json`, `ViT-bigG-14.json`); the layout tests check them against the reference conversion.
@@ -8,7 +9,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sdcli.families import ClipConfig, UNetConfig
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    # Transformer blocks per level; 0 means the level has no attention (SD 1.x: the first three levels).
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 0)
+    transformer_depth_middle: int = 1
+    num_heads: int = 8  # SD 1.x fixes the head count ...
+    num_head_channels: int = -1  # ... SD 2.x and SDXL fix the head width instead (64) when this is > 0.
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False  # SD 2.x+: proj_in/proj_out are Linear, not 1x1 conv.
+    norm_groups: int = 32
+    # SDXL: width of the extra vector `y` (pooled text + size embeddings) added to the time embedding; 0: none.
+    adm_in_channels: int = 0
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+    norm_groups: int = 32
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -24,6 +66,15 @@ class OpenClipConfig:
     projection_dim: int = 1024  # text_projection is (width, projection_dim)
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-5
+
+    # The names ClipConfig uses, so tokenizers and clip skip read either kind of tower alike.
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.layers
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.context_length
 
 
 OPENCLIP_H = OpenClipConfig()  # ViT-H/14: SD 2.x's text encoder

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdcli.families import UNetConfig
+from sdcli.models.configs import UNetConfig
 from sdcli.models.layers import attention, group_norm, timestep_embedding
 
 

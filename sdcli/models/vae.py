@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdcli.families import VAEConfig
+from sdcli.models.configs import VAEConfig
 from sdcli.models.layers import group_norm
 
 
