@@ -15,7 +15,7 @@ from sdcli.errors import UsageError
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A named sampler: the function `sdcli.samplers.<function>` with the grid it walks.
+    """A named sampler: the function `<module>.<function>` with the grid it walks.
 
     Every sampler is `fn(denoiser, x, sigmas)` with sigmas from `schedules.make_sigmas(schedule, ...)`: kind
     "sigma" walks a k-diffusion grid, kind "timestep" the sigmas of training timesteps (DDIM, DDPM).
@@ -31,10 +31,11 @@ class SamplerSpec:
     calls_per_step: int
     stochastic: bool
     method: str  # a few words for `sdcli samplers`
+    module: str = "sdcli.samplers"  # imported when the sampler is used, so the registry imports no torch
 
     @property
     def fn(self) -> Callable:
-        return getattr(importlib.import_module("sdcli.samplers"), self.function)
+        return getattr(importlib.import_module(self.module), self.function)
 
     @property
     def description(self) -> str:
@@ -106,15 +107,15 @@ _FAST_ALIASES = {"uni_pc_bh2": "uni_pc"}
 
 
 def _fast_specs() -> list[SamplerSpec]:
-    from sdcli import samplers_fast
-
     specs = []
-    for name, display, function, schedule, suffixed, _calls, _stochastic, _method in _FAST_SAMPLERS:
-        fn = getattr(samplers_fast, function)
-        specs.append(SamplerSpec(name, display, fn, schedule, "sigma"))
+    for name, display, function, schedule, suffixed, calls, stochastic, method in _FAST_SAMPLERS:
+        details = (calls, stochastic, method, "sdcli.samplers_fast")
+        specs.append(SamplerSpec(name, display, function, schedule, "sigma", *details))
         if suffixed:
-            specs.append(SamplerSpec(f"{name}_karras", f"{display} Karras", fn, "karras", "sigma"))
-            specs.append(SamplerSpec(f"{name}_exponential", f"{display} Exponential", fn, "exponential", "sigma"))
+            for suffix, grid in (("_karras", "karras"), ("_exponential", "exponential")):
+                specs.append(
+                    SamplerSpec(name + suffix, f"{display} {grid.capitalize()}", function, grid, "sigma", *details)
+                )
     return specs
 
 
