@@ -26,15 +26,16 @@ from sdcli.images import (
     size_multiple_of_8,
     to_pil,
 )
-from sdcli.infotext import format_infotext
+from sdcli.infotext import format_infotext, schedule_label
 from sdcli.jobs import Job
 from sdcli.pipeline import generate
 from sdcli.request import DEFAULTS, MAX_SEED, MIN_SIDE, GenerationRequest
-from sdcli.sampler_names import resolve_sampler
+from sdcli.sampler_names import resolve_sampler_and_schedule
 from sdcli.weights import short_hash
 
 if TYPE_CHECKING:
     from sdcli.families import Family
+    from sdcli.models.taesd import TinyAutoencoder
 
 NAN_MESSAGE = (
     "the model produced NaN/inf values, so the image would be black: the checkpoint's weights may be damaged, "
@@ -149,6 +150,7 @@ def job_requests(
         steps=values.get("steps", DEFAULTS.steps),
         cfg=float(values.get("cfg", DEFAULTS.cfg)),
         sampler=values.get("sampler", DEFAULTS.sampler),
+        schedule=values.get("schedule"),
         seed=first_seed,
         clip_skip=values.get("clip_skip", DEFAULTS.clip_skip),
         strength=float(strength),
@@ -171,10 +173,13 @@ def job_requests(
 
 
 def infotext_parameters(request: GenerationRequest, model_hash: str, model_name: str) -> dict[str, object]:
-    """The A1111 infotext key/value line for one image, in A1111's order."""
+    """The A1111 infotext key/value line for one image, in A1111's order; the sampler and its grid apart, as
+    A1111 1.9 writes them ("Sampler: DPM++ 2M, Schedule type: Karras")."""
+    sampler, schedule = sampler_and_schedule_labels(request)
     params: dict[str, object] = {
         "Steps": request.steps,
-        "Sampler": resolve_sampler(request.sampler).display_name,
+        "Sampler": sampler,
+        "Schedule type": schedule,
         "CFG scale": request.cfg,
         "Seed": request.seed,
         "Size": f"{request.width}x{request.height}",
@@ -189,6 +194,16 @@ def infotext_parameters(request: GenerationRequest, model_hash: str, model_name:
         params["Clip skip"] = request.clip_skip
     params["Version"] = f"sdcli {__version__}"
     return params
+
+
+def sampler_and_schedule_labels(request: GenerationRequest) -> tuple[str, str | None]:
+    """The sampler's display name without its schedule, and the schedule's A1111 label (None for the timestep
+    samplers DDIM and DDPM, which walk their own steps)."""
+    spec = resolve_sampler_and_schedule(request.sampler, request.schedule)
+    if spec.kind != "sigma":
+        return spec.display_name, None
+    base = resolve_sampler_and_schedule(spec.name, spec.schedule)  # a suffixed name stands for its base here
+    return base.display_name, schedule_label(spec.schedule)
 
 
 def batches(planned: list[Planned], batch_size: int) -> Iterator[list[tuple[int, Planned]]]:
@@ -226,6 +241,7 @@ def run(
     should_stop: Callable[[], object] = lambda: False,
     vae_tiling: bool | None = None,
     warn: Callable[[str], None] | None = None,
+    taesd: TinyAutoencoder | None = None,
 ) -> Iterator[Written | Failed]:
     """Generate and write every planned image; yields each one written, or each job that failed, in the
     order of `planned` (images are batched by settings, and held back until those before them are out).
@@ -234,7 +250,7 @@ def run(
     whose pixels are not finite fails with NAN_MESSAGE instead of being written black; running out of
     memory fails the batch's jobs with advice. An `Interrupted` raised by `on_step` drops the batch in
     flight (nothing half-written), reports what was written, and propagates; `should_stop` is asked before
-    each batch.
+    each batch. `taesd` replaces the model's VAE for encoding and decoding.
     """
     model_hash = short_hash(model.path)
     finished: dict[int, Written | Failed | None] = {}
@@ -256,7 +272,7 @@ def run(
         for chunk in batches(planned, batch_size):
             if should_stop():
                 break
-            finished.update(_make(model, chunk, model_hash, overwrite, on_step, vae_tiling, warn))
+            finished.update(_make(model, chunk, model_hash, overwrite, on_step, vae_tiling, warn, taesd))
             yield from in_order()
     except Interrupted:
         yield from held_back()
@@ -272,12 +288,13 @@ def _make(
     on_step: Callable[[dict], None] | None,
     vae_tiling: bool | None,
     warn: Callable[[str], None] | None,
+    taesd: TinyAutoencoder | None = None,
 ) -> dict[int, Written | Failed | None]:
     """Generate one batch and write its images; the result of each image, by its place in the plan."""
     started = time.monotonic()
     requests = [item.request for _, item in chunk]
     try:
-        images = generate(model, requests, callback=on_step, vae_tiling=vae_tiling, warn=warn)
+        images = generate(model, requests, callback=on_step, vae_tiling=vae_tiling, warn=warn, taesd=taesd)
     except SdcliError as e:
         return _failed(chunk, str(e))
     except (MemoryError, RuntimeError) as e:

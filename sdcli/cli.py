@@ -173,6 +173,44 @@ Sampler = Annotated[
         autocompletion=_complete_sampler,
     ),
 ]
+
+
+def _complete_schedule(incomplete: str) -> list[str]:
+    from sdcli.schedules import SCHEDULES
+
+    return [name for name in SCHEDULES if name.startswith(incomplete.lower())]
+
+
+Schedule = Annotated[
+    str | None,
+    typer.Option(
+        "--schedule",
+        "--scheduler",
+        help="The sampler's grid of noise levels (A1111's 'Schedule type'): normal, karras, exponential, "
+        "sgm_uniform, simple, ddim_uniform, beta, trailing, leading, lcm. [default: the sampler's own]",
+        autocompletion=_complete_schedule,
+        show_default=False,
+    ),
+]
+Vae = Annotated[
+    str | None,
+    typer.Option(
+        "--vae",
+        help="Encode and decode with TAESD, the tiny autoencoder: taesd (SD 1.x/2.x), taesdxl (SDXL) from the "
+        "weights folder (`sdcli download taesd`), or a TAESD .safetensors file.",
+        show_default=False,
+    ),
+]
+Preview = Annotated[
+    Path | None,
+    typer.Option(
+        "--preview",
+        help="Write the image in progress to this PNG every --preview-every steps (replaced each time); through "
+        "TAESD when chosen or downloaded, else a coarse color approximation.",
+        show_default=False,
+    ),
+]
+PreviewEvery = Annotated[int, typer.Option("--preview-every", min=1, help="Steps between two --preview images.")]
 Seed = Annotated[
     int | None,
     typer.Option(
@@ -260,6 +298,7 @@ def txt2img(
     steps: Steps = DEFAULTS.steps,
     cfg: Cfg = DEFAULTS.cfg,
     sampler: Sampler = DEFAULTS.sampler,
+    schedule: Schedule = None,
     seed: Seed = None,
     n: Count = DEFAULTS.n,
     batch_size: BatchSize = DEFAULTS.batch_size,
@@ -273,6 +312,9 @@ def txt2img(
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
     vae_tiling: VaeTiling = None,
+    vae: Vae = None,
+    preview: Preview = None,
+    preview_every: PreviewEvery = DEFAULTS.preview_every,
     compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
     offline: Offline = False,
@@ -304,6 +346,7 @@ def img2img(
     steps: Steps = DEFAULTS.steps,
     cfg: Cfg = DEFAULTS.cfg,
     sampler: Sampler = DEFAULTS.sampler,
+    schedule: Schedule = None,
     seed: Seed = None,
     n: Count = DEFAULTS.n,
     batch_size: BatchSize = DEFAULTS.batch_size,
@@ -317,6 +360,9 @@ def img2img(
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
     vae_tiling: VaeTiling = None,
+    vae: Vae = None,
+    preview: Preview = None,
+    preview_every: PreviewEvery = DEFAULTS.preview_every,
     compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
     offline: Offline = False,
@@ -353,6 +399,7 @@ def inpaint(
     steps: Steps = DEFAULTS.steps,
     cfg: Cfg = DEFAULTS.cfg,
     sampler: Sampler = DEFAULTS.sampler,
+    schedule: Schedule = None,
     seed: Seed = None,
     n: Count = DEFAULTS.n,
     batch_size: BatchSize = DEFAULTS.batch_size,
@@ -366,6 +413,9 @@ def inpaint(
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
     vae_tiling: VaeTiling = None,
+    vae: Vae = None,
+    preview: Preview = None,
+    preview_every: PreviewEvery = DEFAULTS.preview_every,
     compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
     offline: Offline = False,

@@ -16,7 +16,7 @@ from sdcli.errors import SdcliError, UsageError
 
 # Options that are per-job settings: a prompt-file line or a PNG's parameters can set them too.
 SETTINGS = (
-    "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "n", "clip_skip",
+    "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "schedule", "n", "clip_skip",
     "init", "mask", "strength", "mask_blur", "invert_mask", "resize",
 )  # fmt: skip
 
@@ -28,9 +28,10 @@ def stderr(message: str) -> None:
 def generate_command(command: str, opts: dict) -> int:
     """Run one generating command with its parsed options; returns the exit code."""
     from sdcli.batch import Interrupted, Planned, Written, job_requests, run
+    from sdcli.model_specs import model_defaults
     from sdcli.outputs import Namer, ensure_writable
     from sdcli.progress import progress_report
-    from sdcli.request import DEFAULTS, is_random_seed, random_seed
+    from sdcli.request import DEFAULTS, is_random_seed, model_settings, random_seed
     from sdcli.signals import stop_on_signals, stopped_message
     from sdcli.weights import short_hash
 
@@ -58,6 +59,9 @@ def generate_command(command: str, opts: dict) -> int:
     namer = Namer(opts["output"], opts["outdir"], opts["name"], model_path.stem, overwrite=opts["overwrite"])
     max_images = opts.get("max_images") or DEFAULTS.max_images
     defaults = {k: opts[k] for k in SETTINGS if opts.get(k) is not None}
+    # A distilled model's recommended settings replace the defaults of the options not typed.
+    from_model = model_settings(model_defaults(model_path), opts.get("given", set(opts)))
+    defaults.update(from_model)
     run_seed = random_seed() if is_random_seed(opts["seed"]) else opts["seed"]
     run_seed_used = False  # by a job without a seed of its own (or -1)
     accepted = []
@@ -104,24 +108,28 @@ def generate_command(command: str, opts: dict) -> int:
     ensure_writable(p.target.parent for p in planned)
     with report.loading(model_path.name):
         model = _load(model_path, opts, warn)
+        taesd = _taesd(model, opts, warn)
     model_hash = short_hash(model_path)
     if run_seed_used and is_random_seed(opts["seed"]) and not quiet:
         stderr(f"seed: {run_seed}")
 
     dropped = False
     with stop_on_signals() as stopped, report.sampling(planned, opts["batch_size"]) as progress:
+        preview = _preview(model, opts, taesd, warn)
 
         def on_step(info: dict) -> None:
             if stopped():
                 raise Interrupted
             progress.step(info)
+            if preview is not None:
+                preview(info)
 
         try:
             for result in run(model, planned, batch_size=opts["batch_size"], overwrite=opts["overwrite"],
                               on_step=on_step, should_stop=stopped, vae_tiling=opts["vae_tiling"],
-                              warn=warn):  # fmt: skip
+                              warn=warn, taesd=taesd if opts.get("vae") else None):  # fmt: skip
                 if isinstance(result, Written):
-                    record = _record(result, model_path.stem, model_hash)
+                    record = _record(result, model_path.stem, model_hash, sorted(from_model))
                     sys.stdout.write((json.dumps(record) if opts["json"] else str(result.path)) + "\n")
                     sys.stdout.flush()
                     progress.written(result)
@@ -238,16 +246,51 @@ def _load(path: Path, opts: dict, warn: Callable[[str], None]):
     return model
 
 
-def _record(result, model_name: str, model_hash: str) -> dict:
-    """The JSON object --json prints for one written image: every setting that shapes the image."""
+def _taesd(model, opts: dict, warn: Callable[[str], None]):
+    """TAESD for --vae taesd|taesdxl|FILE; for --preview alone, the model's TAESD when its files are in the
+    weights folder (a preview does without: a broken one is a warning). None otherwise."""
+    from sdcli.vae_choice import find_taesd, is_taesd, load_taesd_choice, taesd_name
+    from sdcli.weights import weights_dir
+
+    directory = weights_dir(opts["weights_dir"])
+    choice = opts.get("vae")
+    if choice is not None:
+        if not is_taesd(choice):
+            raise UsageError(f"--vae {choice}: not a TAESD file; give taesd, taesdxl or a TAESD .safetensors file")
+        return load_taesd_choice(choice, directory, model.device, model.dtype)
+    if opts.get("preview") is None or not find_taesd(taesd_name(model.family), directory):
+        return None
+    try:
+        return load_taesd_choice(taesd_name(model.family), directory, model.device, model.dtype)
+    except SdcliError as e:
+        warn(f"previews use the linear approximation: {e}")
+        return None
+
+
+def _preview(model, opts: dict, taesd, warn: Callable[[str], None]):
+    """The sampler callback that writes --preview FILE every --preview-every steps, or None."""
+    from sdcli.pipeline import preview_writer
     from sdcli.request import DEFAULTS
-    from sdcli.sampler_names import resolve_sampler
+
+    if opts.get("preview") is None:
+        return None
+    every = opts.get("preview_every") or DEFAULTS.preview_every
+    return preview_writer(model, Path(opts["preview"]), every, taesd)
+
+
+def _record(result, model_name: str, model_hash: str, from_model: list[str] | None = None) -> dict:
+    """The JSON object --json prints for one written image: every setting that shapes the image, and which of
+    them are the model's recommended ones (`model_defaults`)."""
+    from sdcli.request import DEFAULTS
+    from sdcli.sampler_names import resolve_sampler_and_schedule
 
     r = result.planned.request
     settings = result.planned.settings
+    spec = resolve_sampler_and_schedule(r.sampler, r.schedule)  # with a schedule given, the sampler's base name
     record = {
         "path": str(result.path), "prompt": r.prompt, "negative": r.negative, "seed": r.seed, "steps": r.steps,
-        "sampler": resolve_sampler(r.sampler).display_name, "cfg": r.cfg, "size": f"{r.width}x{r.height}",
+        "sampler": spec.display_name, "schedule": spec.schedule, "cfg": r.cfg,
+        "size": f"{r.width}x{r.height}",
         "width": r.width, "height": r.height, "clip_skip": r.clip_skip, "model": model_name,
         "model_hash": model_hash, "seconds": round(result.seconds, 3),
     }  # fmt: skip
@@ -259,6 +302,8 @@ def _record(result, model_name: str, model_hash: str) -> dict:
         record.update(
             mask=str(settings.get("mask")), mask_blur=r.mask_blur, invert_mask=bool(settings.get("invert_mask"))
         )
+    if from_model := [key for key in from_model or () if key not in result.planned.job.values]:
+        record["model_defaults"] = from_model
     if result.planned.job.line is not None:
         record["line"] = result.planned.job.line
     return record

@@ -3,7 +3,8 @@
 The command line, prompt files, `--from-png` and the Python API all build requests from `DEFAULTS` and
 check them with `GenerationRequest.validate`, so a number is accepted or refused the same way wherever
 it comes from. The size default belongs to the model family (`Family.default_size`), known once the
-checkpoint's header has been read.
+checkpoint's header has been read; a distilled model's recommended settings (`model_specs.model_defaults`)
+come between the user's options and DEFAULTS (`model_settings`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Defaults:
     mask_blur: int = 4
     resize: str = "crop"
     invert_mask: bool = False
+    preview_every: int = 5  # steps between two --preview images
     size: int = 512  # SD 1.x; only where no model family is known (the Python API's dataclass default)
 
     def strength(self, command: str) -> float:
@@ -83,6 +85,7 @@ class GenerationRequest:
     steps: int = DEFAULTS.steps
     cfg: float = DEFAULTS.cfg
     sampler: str = DEFAULTS.sampler
+    schedule: str | None = None  # a name in schedules.SCHEDULES; None: the sampler's own grid
     seed: int = 0
     clip_skip: int = DEFAULTS.clip_skip
     init: Image.Image | None = field(default=None, compare=False)
@@ -119,12 +122,22 @@ class GenerationRequest:
         for name, image in (("init image", self.init), ("mask", self.mask)):
             if image is not None and image.size != (self.width, self.height):
                 raise ValueError(f"{name} is {image.size}, expected {(self.width, self.height)}")
-        from sdcli.sampler_names import resolve_sampler
+        from sdcli.sampler_names import resolve_sampler_and_schedule
 
-        return resolve_sampler(self.sampler)
+        return resolve_sampler_and_schedule(self.sampler, self.schedule)
 
     def batch_key(self) -> tuple:
         return (
-            self.width, self.height, self.steps, self.cfg, self.sampler.lower(), self.clip_skip,
-            self.init is None, self.mask is None, self.strength,
+            self.width, self.height, self.steps, self.cfg, self.sampler.lower(), (self.schedule or "").lower(),
+            self.clip_skip, self.init is None, self.mask is None, self.strength,
         )  # fmt: skip
+
+
+def model_settings(model: dict[str, object], given: set[str]) -> dict[str, object]:
+    """The model's recommended settings (`model_specs.model_defaults`) that apply: those of the options the user
+    did not give. A schedule comes only with the model's own sampler: a user who picks another sampler gets
+    that sampler's grid, not one meant for the model's."""
+    chosen = {key: value for key, value in model.items() if key not in given}
+    if "sampler" in given and "schedule" not in given:
+        chosen.pop("schedule", None)
+    return chosen
