@@ -160,7 +160,7 @@ Width = Annotated[int | None, typer.Option("--width", "-W", help=f"Image width, 
 Height = Annotated[int | None, typer.Option("--height", "-H", help=f"Image height, a multiple of 8 {SIZE_DEFAULT}.")]
 Steps = Annotated[int, typer.Option(help="Sampling steps.")]
 Cfg = Annotated[
-    float, typer.Option("--cfg", "--cfg-scale", help="Classifier-free guidance scale; 1 disables guidance.")
+    float, typer.Option("--cfg", "--cfg-scale", help="Classifier-free guidance scale; 1 or less disables guidance.")
 ]
 Sampler = Annotated[
     str,
