@@ -60,7 +60,10 @@ def generate_command(command: str, opts: dict) -> int:
     max_images = opts.get("max_images") or DEFAULTS.max_images
     defaults = {k: opts[k] for k in SETTINGS if opts.get(k) is not None}
     # A distilled model's recommended settings replace the defaults of the options not typed.
-    from_model = model_settings(model_defaults(model_path), opts.get("given", set(opts)))
+    recommended = model_defaults(model_path)
+    if command != "txt2img":  # img2img and inpaint keep the init image's size
+        recommended = {k: v for k, v in recommended.items() if k not in ("width", "height")}
+    from_model = model_settings(recommended, opts.get("given", set(opts)))
     defaults.update(from_model)
     run_seed = random_seed() if is_random_seed(opts["seed"]) else opts["seed"]
     run_seed_used = False  # by a job without a seed of its own (or -1)

@@ -85,3 +85,15 @@ def test_distilled_aliases_carry_their_defaults():
         entry = model_specs.REGISTRY[name]
         assert entry.kind == "lora" and entry.defaults["sampler"] == "lcm"
         assert model_specs.resolve_spec(name).path_in_repo == "pytorch_lora_weights.safetensors"
+
+
+def test_img2img_keeps_the_init_images_size(turbo, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (90, 120, 200)).save(tmp_path / "init.png")
+    result = run_cli("img2img", "a fox", "--init", tmp_path / "init.png", "-m", "tiny-turbo", "--weights-dir", turbo,
+                     "--dtype", "fp32", "--json", "-o", tmp_path / "a.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["size"] == "64x64" and record["steps"] == 2
+    assert record["model_defaults"] == ["cfg", "sampler", "schedule", "steps"]
