@@ -85,13 +85,13 @@ class GenerationRequest:
     steps: int = DEFAULTS.steps
     cfg: float = DEFAULTS.cfg
     sampler: str = DEFAULTS.sampler
-    schedule: str | None = None  # a name in schedules.SCHEDULES; None: the sampler's own grid
     seed: int = 0
     clip_skip: int = DEFAULTS.clip_skip
     init: Image.Image | None = field(default=None, compare=False)
     mask: Image.Image | None = field(default=None, compare=False)
     strength: float = 1.0
     mask_blur: int = 0  # how the mask was feathered; recorded in the PNG's parameters
+    schedule: str | None = None  # a name in schedules.SCHEDULES; None: the sampler's own grid (last: positional use)
 
     def validate(self, family: Family | None = None) -> SamplerSpec:
         """Check the numbers a user typed (and, given the model's `family`, that it can honour them); return
