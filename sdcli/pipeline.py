@@ -209,7 +209,7 @@ def generate(
     `vae_tiling`: True/False forces tiled VAE encode/decode on or off; None decides by free memory.
     `taesd` encodes and decodes instead of the model's VAE. A cfg of 1 or less means no guidance: the
     unconditional half is not run (as diffusers, which guides only above 1; A1111 skips it only at exactly 1
-    and extrapolates away from the prompt below it).
+    and below 1 blends the prompt's prediction with the unconditional one).
     """
     first = requests[0]
     spec = first.validate(model.family)
