@@ -27,17 +27,18 @@ from sdcli.images import (
     size_multiple_of_8,
     to_pil,
 )
-from sdcli.infotext import format_infotext
+from sdcli.infotext import format_infotext, schedule_label
 from sdcli.jobs import Job
 from sdcli.lora_sets import infotext_name, lora_hash
 from sdcli.pipeline import generate
 from sdcli.request import DEFAULTS, MAX_SEED, MIN_SIDE, GenerationRequest, parse_pair
-from sdcli.sampler_names import resolve_sampler
+from sdcli.sampler_names import resolve_sampler_and_schedule
 from sdcli.weights import short_hash
 
 if TYPE_CHECKING:
     from sdcli.embeddings import EmbeddingLibrary
     from sdcli.families import Family
+    from sdcli.models.taesd import TinyAutoencoder
 
 NAN_MESSAGE = (
     "the model produced NaN/inf values, so the image would be black: the checkpoint's weights may be damaged, "
@@ -152,6 +153,7 @@ def job_requests(
         steps=values.get("steps", DEFAULTS.steps),
         cfg=float(values.get("cfg", DEFAULTS.cfg)),
         sampler=values.get("sampler", DEFAULTS.sampler),
+        schedule=values.get("schedule"),
         seed=first_seed,
         clip_skip=values.get("clip_skip", DEFAULTS.clip_skip),
         strength=float(strength),
@@ -193,9 +195,11 @@ def infotext_parameters(
     """The A1111 infotext key/value line for one image, in A1111's order; `vae`: the file of a VAE override,
     `ti_hashes`: the embeddings the prompts used (see sdcli.embeddings); then what the model `family` adds
     (beyond SD 1.x: the prediction type used; SDXL: its size conditioning)."""
+    sampler, schedule = sampler_and_schedule_labels(request)
     params: dict[str, object] = {
         "Steps": request.steps,
-        "Sampler": resolve_sampler(request.sampler).display_name,
+        "Sampler": sampler,
+        "Schedule type": schedule,
         "CFG scale": request.cfg,
         "Seed": request.seed,
         "Size": f"{request.width}x{request.height}",
@@ -235,6 +239,16 @@ def png_parameters(
     """The PNG "parameters" text an image is written with (what `--skip-existing` compares)."""
     params = infotext_parameters(request, model_hash, model_name, vae, ti_hashes, family)
     return format_infotext(request.prompt, request.negative, params)
+
+
+def sampler_and_schedule_labels(request: GenerationRequest) -> tuple[str, str | None]:
+    """The sampler's display name without its schedule, and the schedule's A1111 label (None for the timestep
+    samplers DDIM and DDPM, which walk their own steps)."""
+    spec = resolve_sampler_and_schedule(request.sampler, request.schedule)
+    if spec.kind != "sigma":
+        return spec.display_name, None
+    base = resolve_sampler_and_schedule(spec.name, spec.schedule)  # a suffixed name stands for its base here
+    return base.display_name, schedule_label(spec.schedule)
 
 
 def batches(planned: list[Planned], batch_size: int) -> Iterator[list[tuple[int, Planned]]]:
@@ -277,6 +291,7 @@ def run(
     warn: Callable[[str], None] | None = None,
     embeddings: EmbeddingLibrary | None = None,
     use_loras: Callable[[tuple], None] | None = None,
+    taesd: TinyAutoencoder | None = None,
 ) -> Iterator[Written | Failed]:
     """Generate and write every planned image; yields each one written, or each job that failed, in the
     order of `planned` (images are batched by settings, and held back until those before them are out).
@@ -286,6 +301,7 @@ def run(
     memory fails the batch's jobs with advice. An `Interrupted` raised by `on_step` drops the batch in
     flight (nothing half-written), reports what was written, and propagates; `should_stop` is asked before
     each batch. `use_loras(loras)` is called before each batch to put its requests' LoRA set in the weights.
+    `taesd` replaces the model's VAE for encoding and decoding.
     """
     model_hash = short_hash(model.path)
     finished: dict[int, Written | Failed | None] = {}
@@ -309,7 +325,7 @@ def run(
                 break
             if use_loras is not None:
                 use_loras(chunk[0][1].request.loras)
-            finished.update(_make(model, chunk, model_hash, overwrite, on_step, vae_tiling, warn, embeddings))
+            finished.update(_make(model, chunk, model_hash, overwrite, on_step, vae_tiling, warn, embeddings, taesd))
             yield from in_order()
     except Interrupted:
         yield from held_back()
@@ -326,13 +342,22 @@ def _make(
     vae_tiling: bool | None,
     warn: Callable[[str], None] | None,
     embeddings: EmbeddingLibrary | None = None,
+    taesd: TinyAutoencoder | None = None,
 ) -> dict[int, Written | Failed | None]:
     """Generate one batch and write its images; the result of each image, by its place in the plan."""
     started = time.monotonic()
     requests = [item.request for _, item in chunk]
     try:  # the text encoder sees the prompts without their <lora:...> tags
         prompts = [replace(r, prompt=strip_extra_networks(r.prompt)) for r in requests]
-        images = generate(model, prompts, callback=on_step, vae_tiling=vae_tiling, warn=warn, embeddings=embeddings)
+        images = generate(
+            model,
+            prompts,
+            callback=on_step,
+            vae_tiling=vae_tiling,
+            warn=warn,
+            embeddings=embeddings,
+            taesd=taesd,
+        )
     except SdcliError as e:
         return _failed(chunk, str(e))
     except (MemoryError, RuntimeError) as e:

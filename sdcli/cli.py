@@ -168,7 +168,7 @@ Width = Annotated[int | None, typer.Option("--width", "-W", help=f"Image width, 
 Height = Annotated[int | None, typer.Option("--height", "-H", help=f"Image height, a multiple of 8 {SIZE_DEFAULT}.")]
 Steps = Annotated[int, typer.Option(help="Sampling steps.")]
 Cfg = Annotated[
-    float, typer.Option("--cfg", "--cfg-scale", help="Classifier-free guidance scale; 1 disables guidance.")
+    float, typer.Option("--cfg", "--cfg-scale", help="Classifier-free guidance scale; 1 or less disables guidance.")
 ]
 Sampler = Annotated[
     str,
@@ -181,6 +181,45 @@ Sampler = Annotated[
         autocompletion=_complete_sampler,
     ),
 ]
+
+
+def _complete_schedule(incomplete: str) -> list[str]:
+    from sdcli.schedules import SCHEDULES
+
+    return [name for name in SCHEDULES if name.startswith(incomplete.lower())]
+
+
+Schedule = Annotated[
+    str | None,
+    typer.Option(
+        "--schedule",
+        "--scheduler",
+        help="The sampler's grid of noise levels (A1111's 'Schedule type'): normal, karras, exponential, "
+        "sgm_uniform, simple, ddim_uniform, beta, trailing, leading, lcm. [default: the sampler's own]",
+        autocompletion=_complete_schedule,
+        show_default=False,
+    ),
+]
+Vae = Annotated[
+    str | None,
+    typer.Option(
+        "--vae",
+        help="Another VAE: a VAE .safetensors file (original or diffusers layout) used instead of the model's, or "
+        "TAESD, the tiny autoencoder: taesd (SD 1.x/2.x), taesdxl (SDXL) from the weights folder (`sdcli download "
+        "taesd`), or a TAESD .safetensors file.",
+        show_default=False,
+    ),
+]
+Preview = Annotated[
+    Path | None,
+    typer.Option(
+        "--preview",
+        help="Write the image in progress to this PNG every --preview-every steps (replaced each time); through "
+        "TAESD when chosen or downloaded, else a coarse color approximation.",
+        show_default=False,
+    ),
+]
+PreviewEvery = Annotated[int, typer.Option("--preview-every", min=1, help="Steps between two --preview images.")]
 Seed = Annotated[
     int | None,
     typer.Option(
@@ -305,9 +344,6 @@ LoraIgnoreUnknown = Annotated[
     bool,
     typer.Option("--lora-ignore-unknown", help="Skip LoRA tensors that match nothing in the model (else an error)."),
 ]
-Vae = Annotated[
-    Path | None, typer.Option("--vae", help="Use this VAE file (original or diffusers layout) instead of the model's.")
-]
 Resize = Annotated[
     Literal["crop", "fit", "stretch"],
     typer.Option(help="Fitting the init image to the size: crop (cover, centre-crop), fit (pad), stretch."),
@@ -327,6 +363,7 @@ def txt2img(
     steps: Steps = DEFAULTS.steps,
     cfg: Cfg = DEFAULTS.cfg,
     sampler: Sampler = DEFAULTS.sampler,
+    schedule: Schedule = None,
     seed: Seed = None,
     n: Count = DEFAULTS.n,
     batch_size: BatchSize = DEFAULTS.batch_size,
@@ -351,6 +388,8 @@ def txt2img(
     lora_ignore_unknown: LoraIgnoreUnknown = False,
     vae: Vae = None,
     vae_tiling: VaeTiling = None,
+    preview: Preview = None,
+    preview_every: PreviewEvery = DEFAULTS.preview_every,
     compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
     offline: Offline = False,
@@ -382,6 +421,7 @@ def img2img(
     steps: Steps = DEFAULTS.steps,
     cfg: Cfg = DEFAULTS.cfg,
     sampler: Sampler = DEFAULTS.sampler,
+    schedule: Schedule = None,
     seed: Seed = None,
     n: Count = DEFAULTS.n,
     batch_size: BatchSize = DEFAULTS.batch_size,
@@ -406,6 +446,8 @@ def img2img(
     lora_ignore_unknown: LoraIgnoreUnknown = False,
     vae: Vae = None,
     vae_tiling: VaeTiling = None,
+    preview: Preview = None,
+    preview_every: PreviewEvery = DEFAULTS.preview_every,
     compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
     offline: Offline = False,
@@ -442,6 +484,7 @@ def inpaint(
     steps: Steps = DEFAULTS.steps,
     cfg: Cfg = DEFAULTS.cfg,
     sampler: Sampler = DEFAULTS.sampler,
+    schedule: Schedule = None,
     seed: Seed = None,
     n: Count = DEFAULTS.n,
     batch_size: BatchSize = DEFAULTS.batch_size,
@@ -466,6 +509,8 @@ def inpaint(
     lora_ignore_unknown: LoraIgnoreUnknown = False,
     vae: Vae = None,
     vae_tiling: VaeTiling = None,
+    preview: Preview = None,
+    preview_every: PreviewEvery = DEFAULTS.preview_every,
     compile_unet: Compile = False,
     weights_dir: WeightsDir = None,
     offline: Offline = False,

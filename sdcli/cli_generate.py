@@ -19,7 +19,7 @@ from sdcli.errors import SdcliError, UsageError
 
 # Options that are per-job settings: a prompt-file line or a PNG's parameters can set them too.
 SETTINGS = (
-    "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "n", "clip_skip",
+    "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "schedule", "n", "clip_skip",
     "init", "mask", "strength", "mask_blur", "invert_mask", "resize", "rng", "original_size", "crop",
 )  # fmt: skip
 
@@ -44,9 +44,10 @@ def _generate_command(command: str, opts: dict, group) -> int:
     from sdcli.distributed import deal
     from sdcli.extra_networks import parse_lora_option
     from sdcli.lora_sets import ActiveLoras, LoraLibrary, check_recorded_hashes, parse_lora_hashes
+    from sdcli.model_specs import model_defaults
     from sdcli.outputs import Namer, ensure_writable
     from sdcli.progress import progress_report, sampling_steps
-    from sdcli.request import DEFAULTS, is_random_seed, random_seed
+    from sdcli.request import DEFAULTS, is_random_seed, model_settings, random_seed
     from sdcli.signals import stop_on_signals, stopped_message
     from sdcli.weights import short_hash
 
@@ -80,6 +81,12 @@ def _generate_command(command: str, opts: dict, group) -> int:
                   start=0 if skip_existing else None)  # fmt: skip
     max_images = opts.get("max_images") or DEFAULTS.max_images
     defaults = {k: opts[k] for k in SETTINGS if opts.get(k) is not None}
+    # A distilled model's recommended settings replace the defaults of the options not typed.
+    recommended = model_defaults(model_path)
+    if command != "txt2img":  # img2img and inpaint keep the init image's size
+        recommended = {k: v for k, v in recommended.items() if k not in ("width", "height")}
+    from_model = model_settings(recommended, opts.get("given", set(opts)))
+    defaults.update(from_model)
     run_seed = random_seed() if is_random_seed(opts["seed"]) else opts["seed"]
     if launch.distributed:  # every process names and seeds the images as rank 0 does
         namer.start, run_seed, now = group.from_rank0([namer.start, run_seed, int(namer.now.timestamp())])
@@ -87,8 +94,8 @@ def _generate_command(command: str, opts: dict, group) -> int:
     run_seed_used = False  # by a job without a seed of its own (or -1)
     library = LoraLibrary(_lora_dir(opts), model_path, ignore_unknown=bool(opts.get("lora_ignore_unknown")))
     run_loras = [parse_lora_option(text) for text in opts.get("lora") or ()]
-    if opts.get("vae") is not None:  # a VAE file that cannot be used is refused before anything loads
-        _check_vae(Path(opts["vae"]))
+    if (vae_file := _vae_file(opts)) is not None:  # a VAE file that cannot be used is refused before anything loads
+        _check_vae(vae_file)
     if png is not None and png.vae_name and not opts.get("vae"):
         warn(f"the image was made with the VAE {png.vae_name}: pass --vae FILE to use it too")
     accepted = []
@@ -143,7 +150,9 @@ def _generate_command(command: str, opts: dict, group) -> int:
         return 1
     if skip_existing and run_seed_used and is_random_seed(opts["seed"]):
         raise UsageError("--skip-existing finds the images of an earlier run only by their seeds: give --seed")
-    skipped = _already_written(planned, model_path, opts.get("vae"), group) if skip_existing else [False] * len(planned)
+    skipped = (
+        _already_written(planned, model_path, vae_file, family, group) if skip_existing else [False] * len(planned)
+    )
     todo = [p for p, done in zip(planned, skipped, strict=True) if not done]
     if not todo:
         return _final_report(group, 0, failures, len(planned), quiet)
@@ -158,6 +167,7 @@ def _generate_command(command: str, opts: dict, group) -> int:
     embeddings = _embeddings(opts, family, planned, warn)
     with report.loading(model_path.name):
         model = _load(model_path, opts, warn, library.patch(first_loras), launch)
+        taesd = _taesd(model, opts, warn)
     loras = ActiveLoras(library, model, first_loras)
     model_hash = short_hash(model_path)
     if run_seed_used and is_random_seed(opts["seed"]) and not quiet and launch.rank == 0:
@@ -165,18 +175,22 @@ def _generate_command(command: str, opts: dict, group) -> int:
 
     dropped = False
     with stop_on_signals() as stopped, report.sampling(mine, opts["batch_size"]) as progress:
+        preview = _preview(model, opts, taesd, warn)
 
         def on_step(info: dict) -> None:
             if stopped():
                 raise Interrupted
             progress.step(info)
+            if preview is not None:
+                preview(info)
 
         try:
             for result in run(model, mine, batch_size=opts["batch_size"], overwrite=opts["overwrite"],
                               on_step=on_step, should_stop=stopped, vae_tiling=opts["vae_tiling"],
-                              warn=warn, use_loras=loras.use, embeddings=embeddings):  # fmt: skip
+                              warn=warn, use_loras=loras.use, embeddings=embeddings,
+                              taesd=taesd if opts.get("vae") and vae_file is None else None):  # fmt: skip
                 if isinstance(result, Written):
-                    record = _record(result, model_path.stem, model_hash, model.vae_path)
+                    record = _record(result, model_path.stem, model_hash, model.vae_path, sorted(from_model))
                     record.update(index=global_index[id(result.planned)], rank=launch.rank)
                     sys.stdout.write((json.dumps(record) if opts["json"] else str(result.path)) + "\n")
                     sys.stdout.flush()
@@ -192,7 +206,7 @@ def _generate_command(command: str, opts: dict, group) -> int:
     return _final_report(group, report.written_count, failures, sum(skipped), quiet)
 
 
-def _already_written(planned: list, model_path: Path, vae: str | None, group) -> list[bool]:
+def _already_written(planned: list, model_path: Path, vae_path: Path | None, family, group) -> list[bool]:
     """Which planned images an earlier run wrote (same file, same parameters): rank 0 looks, before any
     process writes, and tells the others, so every process deals the same remaining images."""
     from sdcli.batch import png_parameters
@@ -202,8 +216,10 @@ def _already_written(planned: list, model_path: Path, vae: str | None, group) ->
     found = [0] * len(planned)
     if group.launch.rank == 0:
         model_hash, name = short_hash(model_path), model_path.stem
-        vae_path = Path(vae) if vae else None
-        found = [int(already_written(p.target, png_parameters(p.request, model_hash, name, vae_path))) for p in planned]
+        found = [
+            int(already_written(p.target, png_parameters(p.request, model_hash, name, vae_path, None, family)))
+            for p in planned
+        ]
     return [bool(done) for done in group.from_rank0(found)]
 
 
@@ -307,6 +323,14 @@ def _family(path: Path, prediction: str | None = None):
     return detect_file(path, prediction)[0]
 
 
+def _vae_file(opts: dict) -> Path | None:
+    """The VAE file --vae names, unless it asks for TAESD (a name, or a file with TAESD's tensors)."""
+    from sdcli.vae_choice import is_taesd
+
+    choice = opts.get("vae")
+    return None if choice is None or is_taesd(choice) else Path(choice).expanduser()
+
+
 def _check_vae(path: Path) -> None:
     from sdcli.checkpoint import vae_file_infos
     from sdcli.header import read_header
@@ -374,7 +398,7 @@ def _load(path: Path, opts: dict, warn: Callable[[str], None], patch, launch):
     if note := slow_dtype_note(dtype, device):
         warn(note)
     model = load_model(
-        path, device=device, dtype=dtype, offload=opts["low_memory"], patch=patch, vae=opts.get("vae"),
+        path, device=device, dtype=dtype, offload=opts["low_memory"], patch=patch, vae=_vae_file(opts),
         prediction=opts.get("prediction"),
     )  # fmt: skip
     if opts["compile_unet"]:
@@ -382,18 +406,53 @@ def _load(path: Path, opts: dict, warn: Callable[[str], None], patch, launch):
     return model
 
 
-def _record(result, model_name: str, model_hash: str, vae: Path | None = None) -> dict:
-    """The JSON object --json prints for one written image: every setting that shapes the image."""
+def _taesd(model, opts: dict, warn: Callable[[str], None]):
+    """TAESD for --vae taesd|taesdxl|FILE; for --preview alone, the model's TAESD when its files are in the
+    weights folder (a preview does without: a broken one is a warning). None otherwise."""
+    from sdcli.vae_choice import find_taesd, load_taesd_choice, taesd_name
+    from sdcli.weights import weights_dir
+
+    directory = weights_dir(opts["weights_dir"])
+    choice = opts.get("vae")
+    if choice is not None and _vae_file(opts) is None:
+        return load_taesd_choice(choice, directory, model.device, model.dtype)
+    if opts.get("preview") is None or not find_taesd(taesd_name(model.family), directory):
+        return None
+    try:
+        return load_taesd_choice(taesd_name(model.family), directory, model.device, model.dtype)
+    except SdcliError as e:
+        warn(f"previews use the linear approximation: {e}")
+        return None
+
+
+def _preview(model, opts: dict, taesd, warn: Callable[[str], None]):
+    """The sampler callback that writes --preview FILE every --preview-every steps, or None."""
+    from sdcli.pipeline import preview_writer
+    from sdcli.request import DEFAULTS
+
+    if opts.get("preview") is None:
+        return None
+    every = opts.get("preview_every") or DEFAULTS.preview_every
+    return preview_writer(model, Path(opts["preview"]), every, taesd)
+
+
+def _record(
+    result, model_name: str, model_hash: str, vae: Path | None = None, from_model: list[str] | None = None
+) -> dict:
+    """The JSON object --json prints for one written image: every setting that shapes the image, and which of
+    them are the model's recommended ones (`model_defaults`)."""
     from sdcli.lora_sets import lora_hash
     from sdcli.request import DEFAULTS
-    from sdcli.sampler_names import resolve_sampler
+    from sdcli.sampler_names import resolve_sampler_and_schedule
     from sdcli.weights import short_hash
 
     r = result.planned.request
     settings = result.planned.settings
+    spec = resolve_sampler_and_schedule(r.sampler, r.schedule)  # with a schedule given, the sampler's base name
     record = {
         "path": str(result.path), "prompt": r.prompt, "negative": r.negative, "seed": r.seed, "steps": r.steps,
-        "sampler": resolve_sampler(r.sampler).display_name, "cfg": r.cfg, "size": f"{r.width}x{r.height}",
+        "sampler": spec.display_name, "schedule": spec.schedule, "cfg": r.cfg,
+        "size": f"{r.width}x{r.height}",
         "width": r.width, "height": r.height, "clip_skip": r.clip_skip, "model": model_name,
         "model_hash": model_hash, "seconds": round(result.seconds, 3),
     }  # fmt: skip
@@ -412,6 +471,8 @@ def _record(result, model_name: str, model_hash: str, vae: Path | None = None) -
         ]
     if vae is not None:
         record.update(vae=str(vae), vae_hash=short_hash(vae))
+    if from_model := [key for key in from_model or () if key not in result.planned.job.values]:
+        record["model_defaults"] = from_model
     if result.planned.job.line is not None:
         record["line"] = result.planned.job.line
     return record

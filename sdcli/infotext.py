@@ -92,3 +92,42 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
 
     params = {key: _unquote(value) for key, value in _PARAM_RE.findall(last_line)}
     return prompt, negative, params
+
+
+# A1111 1.9's "Schedule type" labels (modules/sd_schedulers.py) for our schedules. Its "Uniform" and "Normal"
+# are both k-diffusion's evenly spaced training steps, our "normal"; its "Beta" spaces sigmas at the Beta
+# quantiles where ours (ComfyUI's) spaces training steps, so A1111 reads our "Beta" as a similar, not the same,
+# grid. Trailing, leading and LCM have no A1111 label; they are written under these names.
+SCHEDULE_LABELS = {
+    "normal": "Normal",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "ddim_uniform": "DDIM",
+    "beta": "Beta",
+    "trailing": "Trailing",
+    "leading": "Leading",
+    "lcm": "LCM",
+}
+# Labels read back: ours, A1111's other name for the same grid and its spelling without a space.
+_LABEL_SCHEDULES = {label.lower(): name for name, label in SCHEDULE_LABELS.items()} | {
+    "uniform": "normal",
+    "sgmuniform": "sgm_uniform",
+}
+AUTOMATIC = "Automatic"  # A1111: the sampler's own schedule
+
+
+def schedule_label(schedule: str) -> str:
+    """The "Schedule type" label of one of our schedules ("karras" -> "Karras")."""
+    return SCHEDULE_LABELS[schedule]
+
+
+def schedule_from_label(label: str) -> str | None:
+    """Our schedule for a "Schedule type" label; None for "Automatic" (the sampler's own). A label we do not
+    know (A1111's "KL Optimal", "Align Your Steps", ...) is returned as written, for the request's check to
+    name it."""
+    key = label.strip().lower()
+    if key == AUTOMATIC.lower():
+        return None
+    return _LABEL_SCHEDULES.get(key, label.strip())

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from sdcli.errors import ImageError, UsageError
 from sdcli.images import read_png_parameters
-from sdcli.infotext import parse_infotext
+from sdcli.infotext import AUTOMATIC, parse_infotext, schedule_from_label
 
 # The fields a JSON Lines job may set, with the types JSON gives them.
 JOB_FIELDS: dict[str, tuple[type, ...]] = {
@@ -26,6 +26,7 @@ JOB_FIELDS: dict[str, tuple[type, ...]] = {
     "width": (int,),
     "height": (int,),
     "sampler": (str,),
+    "schedule": (str,),
     "n": (int,),
     "output": (str,),
     "lora": (str, list),  # FILE[:WEIGHT], or a list of them, as --lora
@@ -197,10 +198,11 @@ def job_from_png(path: str) -> PngJob:
     rng = params.get("RNG", "CPU" if params.get("Version", "").startswith("sdcli") else "GPU")
     values["rng"] = "cpu" if rng.upper() == "CPU" else "cuda"
     if "Sampler" in params:
-        # A1111 1.9+ writes the schedule apart: "Sampler: DPM++ 2M, Schedule type: Karras".
-        schedule = params.get("Schedule type", "")
-        suffix = f" {schedule}" if schedule in ("Karras", "Exponential") else ""
-        values["sampler"] = params["Sampler"] + suffix if not params["Sampler"].endswith(suffix) else params["Sampler"]
+        values["sampler"] = params["Sampler"]
+    # A1111 1.9+ (and sdcli) write the schedule apart: "Sampler: DPM++ 2M, Schedule type: Karras". Older
+    # images name it in the sampler ("DPM++ 2M Karras"), which the sampler's name resolves.
+    if (schedule := schedule_from_label(params.get("Schedule type", AUTOMATIC))) is not None:
+        values["schedule"] = schedule
     return PngJob(
         Job(values), plain_model_name(params.get("Model")), params.get("Model hash"), params.get("Lora hashes"),
         params.get("VAE"),

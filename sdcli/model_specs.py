@@ -22,6 +22,7 @@ __all__ = [
     "dest_in",
     "hub_endpoint",
     "mask_credentials",
+    "model_defaults",
     "resolve_spec",
 ]
 
@@ -32,19 +33,39 @@ URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s]*@")
 
 @dataclass(frozen=True)
 class RegistryEntry:
-    """A model known by a short name: one single-file checkpoint in a hub repository."""
+    """A file known by a short name: a single-file checkpoint (or a TAESD or LoRA file) in a hub repository.
+
+    `defaults` are the settings a distilled checkpoint is made for (steps, cfg, sampler, schedule, width,
+    height), used for every option the user does not give.
+    """
 
     name: str
     repo_id: str
-    filename: str
-    family: str  # a name in sdcli.families.FAMILIES
+    filename: str  # the local name in the weights directory
+    family: str  # a name in sdcli.families.FAMILIES: the checkpoint's, or the one a TAESD/LoRA file goes with
     sha256: str | None  # of the whole file; None = trust the hub's LFS sha256
     description: str
+    defaults: dict[str, object] = field(default_factory=dict)
+    path_in_repo: str | None = None  # where it differs from `filename` (a generic hub name made distinct here)
+    kind: Literal["checkpoint", "taesd", "lora"] = "checkpoint"
+
+    @property
+    def remote_path(self) -> str:
+        return self.path_in_repo or self.filename
 
     @property
     def url(self) -> str:
         """The file's address on huggingface.co, for people and `--list`."""
-        return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.filename}"
+        return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.remote_path}"
+
+
+# Recommended settings of the distilled models, from their model cards: SD-Turbo and SDXL-Turbo make a 512x512
+# image in 1 step without guidance (diffusers' examples: guidance_scale 0, which like cfg 1 means no guidance;
+# their scheduler configs use "trailing" timesteps); LCM-LoRA wants the LCM sampler, 4 steps, cfg 1.
+TURBO_DEFAULTS: dict[str, object] = {
+    "steps": 1, "cfg": 1.0, "sampler": "euler_a", "schedule": "trailing", "width": 512, "height": 512,
+}  # fmt: skip
+LCM_DEFAULTS: dict[str, object] = {"steps": 4, "cfg": 1.0, "sampler": "lcm"}
 
 
 # Names and hashes checked with the search tool (stored hub pages and public code), not guessed:
@@ -119,6 +140,69 @@ REGISTRY: dict[str, RegistryEntry] = {
             "31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b",
             "Stable Diffusion XL base 1.0, 1024x1024, fp16 (6.94 GB)",
         ),
+        # The distilled models' official repositories (huggingface.co/stabilityai/sd-turbo, /sdxl-turbo,
+        # /latent-consistency/lcm-lora-sdv1-5, /lcm-lora-sdxl, /madebyollin/taesd, /taesdxl). No sha256 of
+        # these files could be confirmed from an independent source, so the hub's own LFS sha256 is checked.
+        RegistryEntry(
+            "sd-turbo",
+            "stabilityai/sd-turbo",
+            "sd_turbo.safetensors",
+            "sd2",
+            None,
+            "SD-Turbo (SD 2.1 distilled): 1-4 steps, no guidance, 512x512",
+            TURBO_DEFAULTS,
+        ),
+        RegistryEntry(
+            "sdxl-turbo",
+            "stabilityai/sdxl-turbo",
+            "sd_xl_turbo_1.0_fp16.safetensors",
+            "sdxl",
+            None,
+            "SDXL-Turbo (SDXL distilled), fp16: 1-4 steps, no guidance, 512x512",
+            TURBO_DEFAULTS,
+        ),
+        RegistryEntry(
+            "lcm-lora-sd15",
+            "latent-consistency/lcm-lora-sdv1-5",
+            "lcm-lora-sdv1-5.safetensors",
+            "sd1",
+            None,
+            "LCM-LoRA for SD 1.5 models: 2-8 steps with --sampler lcm, cfg 1",
+            LCM_DEFAULTS,
+            path_in_repo="pytorch_lora_weights.safetensors",
+            kind="lora",
+        ),
+        RegistryEntry(
+            "lcm-lora-sdxl",
+            "latent-consistency/lcm-lora-sdxl",
+            "lcm-lora-sdxl.safetensors",
+            "sdxl",
+            None,
+            "LCM-LoRA for SDXL models: 2-8 steps with --sampler lcm, cfg 1",
+            LCM_DEFAULTS,
+            path_in_repo="pytorch_lora_weights.safetensors",
+            kind="lora",
+        ),
+        RegistryEntry(
+            "taesd",
+            "madebyollin/taesd",
+            "taesd.safetensors",
+            "sd1",
+            None,
+            "TAESD, the tiny autoencoder for SD 1.x/2.x latents (--vae taesd), encoder and decoder",
+            path_in_repo="diffusion_pytorch_model.safetensors",
+            kind="taesd",
+        ),
+        RegistryEntry(
+            "taesdxl",
+            "madebyollin/taesdxl",
+            "taesdxl.safetensors",
+            "sdxl",
+            None,
+            "TAESD for SDXL latents (--vae taesdxl), encoder and decoder",
+            path_in_repo="diffusion_pytorch_model.safetensors",
+            kind="taesd",
+        ),
     )
 }
 DEFAULT_MODEL = "sd15"
@@ -151,6 +235,14 @@ class DownloadSpec:
 # Names
 
 
+def model_defaults(path: Path) -> dict[str, object]:
+    """The recommended settings of the registry checkpoint stored as `path` (by its file name), or {}."""
+    for entry in REGISTRY.values():
+        if entry.kind == "checkpoint" and entry.filename == path.name:
+            return dict(entry.defaults)
+    return {}
+
+
 def resolve_spec(spec: str) -> DownloadSpec:
     """Resolve a registry alias, `REPO_ID/PATH/IN/REPO.safetensors` or an `https://` (`http://`) URL.
 
@@ -163,7 +255,7 @@ def resolve_spec(spec: str) -> DownloadSpec:
     entry = REGISTRY.get(spec)
     if entry is not None:
         return DownloadSpec(
-            spec, "hub", entry.filename, entry.repo_id, entry.filename, sha256=entry.sha256, entry=entry
+            spec, "hub", entry.filename, entry.repo_id, entry.remote_path, sha256=entry.sha256, entry=entry
         )
     if re.match(r"https?://", spec, re.IGNORECASE):
         return _resolve_url(spec)

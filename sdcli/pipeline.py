@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +20,18 @@ from sdcli.conditioning import TextConditioning
 from sdcli.denoiser import DiscreteDenoiser, guided_unet
 from sdcli.embeddings import EmbeddingLibrary
 from sdcli.errors import UsageError
-from sdcli.images import from_pil
+from sdcli.images import from_pil, save_png, to_pil
 from sdcli.models.sdxl_size import sdxl_y
+from sdcli.preview import SD_LATENT_RGB, SDXL_LATENT_RGB, approximate_rgb
 from sdcli.prompt_encoding import ScheduledConditioning, encode_schedule, sampler_step
-from sdcli.request import GenerationRequest
+from sdcli.request import DEFAULTS, GenerationRequest
 from sdcli.rng_philox import CudaRandn
 from sdcli.sampler_names import SamplerSpec
 from sdcli.schedules import alphas_cumprod_sd, initial_noise_scale, make_sigmas
 from sdcli.tiling import decode, encode
+
+if TYPE_CHECKING:
+    from sdcli.models.taesd import TinyAutoencoder
 
 
 def encode_prompts(model: StableDiffusion, prompts: list[str], clip_skip: int = 1) -> TextConditioning:
@@ -80,13 +86,20 @@ def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...], device
 
 
 def encode_images(
-    model: StableDiffusion, images: torch.Tensor, generators: list[torch.Generator], tiling: bool | None = None
+    model: StableDiffusion,
+    images: torch.Tensor,
+    generators: list[torch.Generator],
+    tiling: bool | None = None,
+    taesd: TinyAutoencoder | None = None,
 ) -> torch.Tensor:
     """Images in [-1, 1] (B, 3, H, W) -> scaled latents: a sample of the VAE's latent distribution.
 
     The sample's noise comes from each image's generator, after its initial noise, so img2img stays
-    reproducible from the seed alone. Large images (or `tiling`) are encoded in blended tiles.
+    reproducible from the seed alone. Large images (or `tiling`) are encoded in blended tiles. TAESD, when
+    given, encodes instead (deterministic, whole images, no noise drawn).
     """
+    if taesd is not None:
+        return taesd.encode(images.to(model.device, model.dtype)).float()
     with model.use(model.vae) as vae:
         mean, logvar = encode(vae, images.to(model.device, _vae_dtype(model)), tiling=tiling)
     eps = draw_noise(generators, tuple(mean.shape[1:]), model.device)
@@ -98,12 +111,15 @@ def decode_latents(
     latents: torch.Tensor,
     tiling: bool | None = None,
     warn: Callable[[str], None] | None = None,
+    taesd: TinyAutoencoder | None = None,
 ) -> torch.Tensor:
     """Scaled latents (B, 4, h, w) -> images in [-1, 1] (B, 3, 8h, 8w), float32.
 
     Tiled when asked, for large images, or after running out of memory; a half-precision decode that
-    overflows is redone in fp32 (see sdcli.tiling.decode).
+    overflows is redone in fp32 (see sdcli.tiling.decode). TAESD, when given, decodes instead (whole images).
     """
+    if taesd is not None:
+        return taesd.decode(latents.to(model.device, model.dtype)).float().clamp(-1, 1)
     z = (latents / model.family.scale_factor).to(_vae_dtype(model))
     with model.use(model.vae) as vae:
         return decode(vae, z, tiling=tiling, warn=warn).clamp(-1, 1)
@@ -205,13 +221,14 @@ def prepare_image_start(
     requests: list[GenerationRequest],
     generators: list[torch.Generator],
     tiling: bool | None = None,
+    taesd: TinyAutoencoder | None = None,
 ) -> ImageStart | None:
-    """Encode the init images and masks of a batch into what `sample` needs."""
+    """Encode the init images and masks of a batch into what `sample` needs (with TAESD when given)."""
     first = requests[0]
     if first.init is None:
         return None
     images = torch.cat([from_pil(r.init) for r in requests])  # (B, 3, H, W) in [-1, 1]
-    c = ImageStart(init_latents=encode_images(model, images, generators, tiling), strength=first.strength)
+    c = ImageStart(init_latents=encode_images(model, images, generators, tiling, taesd), strength=first.strength)
     if first.mask is None:
         return c
     # The feathered mask, thresholded at half as diffusers does, then nearest-downsampled to latent size.
@@ -219,7 +236,7 @@ def prepare_image_start(
     repaint = (masks >= 0.5).float()
     latent_repaint = F.interpolate(repaint, size=c.init_latents.shape[-2:]).to(model.device)
     if model.family.is_inpainting:
-        masked = encode_images(model, images * (1 - repaint), generators, tiling)  # the repainted area blanked
+        masked = encode_images(model, images * (1 - repaint), generators, tiling, taesd)  # the repainted area blanked
         c.extra_channels = torch.cat([latent_repaint, masked], dim=1)
     else:
         c.keep_mask = 1 - latent_repaint
@@ -234,12 +251,16 @@ def generate(
     vae_tiling: bool | None = None,
     warn: Callable[[str], None] | None = None,
     embeddings: EmbeddingLibrary | None = None,
+    taesd: TinyAutoencoder | None = None,
 ) -> torch.Tensor:
     """Generate one image per request, as one batch: txt2img, img2img (init) or inpaint (init and mask).
 
     Returns images in [-1, 1] (B, 3, H, W), float32, on the CPU, before any paste-back of kept pixels.
     `vae_tiling`: True/False forces tiled VAE encode/decode on or off; None decides by free memory.
     `embeddings`: where the prompts' textual-inversion words are looked up (none without it).
+    `taesd` encodes and decodes instead of the model's VAE. A cfg of 1 or less means no guidance: the
+    unconditional half is not run (as diffusers, which guides only above 1; A1111 skips it only at exactly 1
+    and below 1 blends the prompt's prediction with the unconditional one).
     """
     first = requests[0]
     spec = first.validate(model.family)
@@ -253,7 +274,7 @@ def generate(
     found = {} if embeddings is None else embeddings.used_in(texts, model.family)
     vectors = {name: embedding.vectors for name, embedding in found.items()}
     cond = encode_schedule(model, [r.prompt for r in requests], first.steps, first.clip_skip, vectors)
-    uncond = None if first.cfg == 1.0 else encode_negatives(model, requests, cond, vectors)
+    uncond = None if first.cfg <= 1.0 else encode_negatives(model, requests, cond, vectors)
     if model.family.unet.adm_in_channels:
         cond, uncond = (None if c is None else add_size_conditioning(c, requests) for c in (cond, uncond))
     f = model.vae.downscale
@@ -265,12 +286,42 @@ def generate(
             CudaRandn(r.seed).randn((1, *shape), device=model.device) if r.rng == "cuda" else n[None]
             for r, n in zip(requests, noise, strict=True)
         ])  # fmt: skip
-    start = prepare_image_start(model, requests, generators, vae_tiling)
+    start = prepare_image_start(model, requests, generators, vae_tiling, taesd)
     with model.use(model.unet):
         latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, start, callback)
     if callback is not None:
         callback({"stage": "decode"})  # for progress, and a last chance to stop before the VAE's long pass
-    return decode_latents(model, latents, vae_tiling, warn).cpu()
+    return decode_latents(model, latents, vae_tiling, warn, taesd).cpu()
+
+
+def preview_writer(
+    model: StableDiffusion,
+    path: Path,
+    every: int = DEFAULTS.preview_every,
+    taesd: TinyAutoencoder | None = None,
+) -> Callable[[dict], None]:
+    """A sampler callback that every `every` steps writes the current denoised estimate to `path` as a PNG,
+    replacing the previous one atomically, so a viewer never sees half a file.
+
+    The estimate goes through TAESD's decoder when given (the image's size), else through the linear
+    latent-to-RGB approximation, scaled up 8x (nearest). The images of a batch are shown side by side.
+    Only reads the sampler's "denoised": the images made are the same with or without previews.
+    """
+    factors = SDXL_LATENT_RGB if model.family.name.startswith("sdxl") else SD_LATENT_RGB
+
+    def write(info: dict) -> None:
+        denoised = info.get("denoised")
+        if denoised is None or (info["i"] + 1) % every:
+            return
+        if taesd is not None and taesd.decoder is not None:
+            images = taesd.decode(denoised.to(model.device, model.dtype)).float()
+        else:
+            rgb = approximate_rgb(denoised.float(), factors)
+            images = F.interpolate(rgb, scale_factor=model.vae.downscale, mode="nearest")
+        row = torch.cat(list(images.clamp(-1, 1).cpu()), dim=-1).unsqueeze(0)  # (1, 3, H, B * W)
+        save_png(to_pil(row)[0], path, overwrite=True)
+
+    return write
 
 
 def mask_tensor(mask: Image.Image) -> torch.Tensor:

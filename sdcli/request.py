@@ -3,7 +3,8 @@
 The command line, prompt files, `--from-png` and the Python API all build requests from `DEFAULTS` and
 check them with `GenerationRequest.validate`, so a number is accepted or refused the same way wherever
 it comes from. The size default belongs to the model family (`Family.default_size`), known once the
-checkpoint's header has been read.
+checkpoint's header has been read; a distilled model's recommended settings (`model_specs.model_defaults`)
+come between the user's options and DEFAULTS (`model_settings`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Defaults:
     mask_blur: int = 4
     resize: str = "crop"
     invert_mask: bool = False
+    preview_every: int = 5  # steps between two --preview images
     size: int = 512  # SD 1.x; only where no model family is known (the Python API's dataclass default)
 
     def strength(self, command: str) -> float:
@@ -116,6 +118,8 @@ class GenerationRequest:
         width, height = self.original_size or (self.width, self.height)
         return (height, width, self.crop[1], self.crop[0], self.height, self.width)
 
+    schedule: str | None = None  # a name in schedules.SCHEDULES; None: the sampler's own grid (last: positional use)
+
     def validate(self, family: Family | None = None) -> SamplerSpec:
         """Check the numbers a user typed (and, given the model's `family`, that it can honour them); return
         the resolved sampler. Raises UsageError."""
@@ -151,12 +155,22 @@ class GenerationRequest:
         for name, image in (("init image", self.init), ("mask", self.mask)):
             if image is not None and image.size != (self.width, self.height):
                 raise ValueError(f"{name} is {image.size}, expected {(self.width, self.height)}")
-        from sdcli.sampler_names import resolve_sampler
+        from sdcli.sampler_names import resolve_sampler_and_schedule
 
-        return resolve_sampler(self.sampler)
+        return resolve_sampler_and_schedule(self.sampler, self.schedule)
 
     def batch_key(self) -> tuple:
         return (
-            self.width, self.height, self.steps, self.cfg, self.sampler.lower(), self.clip_skip,
-            self.init is None, self.mask is None, self.strength, self.loras,
+            self.width, self.height, self.steps, self.cfg, self.sampler.lower(), (self.schedule or "").lower(),
+            self.clip_skip, self.init is None, self.mask is None, self.strength, self.loras,
         )  # fmt: skip
+
+
+def model_settings(model: dict[str, object], given: set[str]) -> dict[str, object]:
+    """The model's recommended settings (`model_specs.model_defaults`) that apply: those of the options the user
+    did not give. A schedule comes only with the model's own sampler: a user who picks another sampler gets
+    that sampler's grid, not one meant for the model's."""
+    chosen = {key: value for key, value in model.items() if key not in given}
+    if "sampler" in given and "schedule" not in given:
+        chosen.pop("schedule", None)
+    return chosen

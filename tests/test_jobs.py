@@ -56,12 +56,13 @@ def test_job_from_our_png_has_every_setting(tmp_path):
     assert (png.model_name, png.model_hash) == ("tiny", "abcdef0123")
 
 
-def test_job_from_a1111_png_joins_sampler_and_schedule_type(tmp_path):
+def test_job_from_a1111_png_reads_sampler_and_schedule_type(tmp_path):
     # The layout A1111 1.9+ writes (sampler and schedule apart).
     text = "castle\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, "
     text += "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.10.1"
     png = job_from_png(save_png(Image.new("RGB", (8, 8)), tmp_path / "b.png", text))
-    assert png.job.values["sampler"] == "DPM++ 2M Karras" and png.model_name == "v1-5-pruned-emaonly"
+    assert (png.job.values["sampler"], png.job.values["schedule"]) == ("DPM++ 2M", "karras")
+    assert png.model_name == "v1-5-pruned-emaonly"
 
 
 def test_png_without_parameters_is_a_clear_error(tmp_path):

@@ -122,7 +122,7 @@ def test_parameters_chunk_parses_back_to_the_values_used(tiny_checkpoint, tmp_pa
     prompt, negative, params = parse_infotext(read_png_parameters(out))
     assert (prompt, negative) == (PROMPT, NEGATIVE)
     assert params["Steps"] == str(STEPS)
-    assert params["Sampler"] == "DPM++ 2M Karras"
+    assert (params["Sampler"], params["Schedule type"]) == ("DPM++ 2M", "Karras")  # as A1111 1.9 writes them
     assert float(params["CFG scale"]) == CFG
     assert params["Seed"] == str(SEED)
     assert params["Size"] == f"{SIZE}x{SIZE}"

@@ -1,0 +1,99 @@
+"""A registry checkpoint's recommended settings (SD-Turbo: 1 step, no guidance, ...) apply to the options the
+user does not give, and are recorded in --json and the PNG. Tested with a tiny SD 1.x file under a test alias."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import run_cli
+
+from sdcli import model_specs
+from sdcli.images import read_png_parameters
+from sdcli.infotext import parse_infotext
+from sdcli.request import model_settings
+
+DEFAULTS = {"steps": 2, "cfg": 1.0, "sampler": "euler_a", "schedule": "trailing", "width": 64, "height": 72}
+
+
+@pytest.fixture
+def turbo(tiny_checkpoint, tmp_path, monkeypatch):
+    """A weights folder holding a tiny checkpoint registered as `tiny-turbo` with recommended settings."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(tiny_checkpoint, weights / "tiny_turbo.safetensors")
+    entry = model_specs.RegistryEntry(
+        "tiny-turbo", "test/tiny-turbo", "tiny_turbo.safetensors", "sd1", None, "test model", DEFAULTS
+    )
+    monkeypatch.setitem(model_specs.REGISTRY, "tiny-turbo", entry)
+    return weights
+
+
+def generate(weights, out, *extra):
+    result = run_cli("txt2img", "a fox", "-m", "tiny-turbo", "--weights-dir", weights, "--seed", 9, "--dtype", "fp32",
+                     "--json", "-o", out, *extra)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_recommended_settings_apply_and_are_recorded(turbo, tmp_path):
+    record = generate(turbo, tmp_path / "a.png")
+    assert (record["steps"], record["cfg"], record["sampler"], record["schedule"], record["size"]) == (
+        2, 1.0, "Euler a", "trailing", "64x72",
+    )  # fmt: skip
+    assert record["model_defaults"] == sorted(DEFAULTS)
+    params = parse_infotext(read_png_parameters(tmp_path / "a.png"))[2]
+    assert (params["Steps"], params["CFG scale"], params["Sampler"], params["Schedule type"], params["Size"]) == (
+        "2", "1.0", "Euler a", "Trailing", "64x72",
+    )  # fmt: skip
+    # The same settings typed out make the same image, and nothing is then the model's.
+    typed = generate(turbo, tmp_path / "b.png", "--steps", 2, "--cfg", 1, "--sampler", "euler_a",
+                     "--schedule", "trailing", "-W", 64, "-H", 72)  # fmt: skip
+    assert "model_defaults" not in typed
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_options_given_win_and_another_sampler_keeps_its_own_grid(turbo, tmp_path):
+    record = generate(turbo, tmp_path / "a.png", "--steps", 3, "--sampler", "euler")
+    assert (record["steps"], record["sampler"], record["schedule"], record["cfg"]) == (3, "Euler", "normal", 1.0)
+    assert record["model_defaults"] == ["cfg", "height", "width"]
+
+
+def test_a_file_not_in_the_registry_gets_the_usual_defaults(tiny_checkpoint, tmp_path):
+    result = run_cli("txt2img", "a fox", "-m", tiny_checkpoint, "-W", 64, "-H", 64, "--steps", 1, "--dtype", "fp32",
+                     "--json", "-o", tmp_path / "a.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert "model_defaults" not in record and record["cfg"] == 7.5 and record["sampler"] == "DPM++ 2M Karras"
+
+
+def test_model_settings():
+    assert model_settings(DEFAULTS, set()) == DEFAULTS
+    assert model_settings(DEFAULTS, {"steps", "schedule"}) == {
+        k: v for k, v in DEFAULTS.items() if k not in ("steps", "schedule")
+    }
+    assert "schedule" not in model_settings(DEFAULTS, {"sampler"})
+    assert model_settings(DEFAULTS, {"sampler", "schedule"}) == {"steps": 2, "cfg": 1.0, "width": 64, "height": 72}
+
+
+def test_distilled_aliases_carry_their_defaults():
+    for name in ("sd-turbo", "sdxl-turbo"):
+        defaults = model_specs.REGISTRY[name].defaults
+        assert (defaults["steps"], defaults["cfg"], defaults["width"], defaults["height"]) == (1, 1.0, 512, 512)
+    for name in ("lcm-lora-sd15", "lcm-lora-sdxl"):
+        entry = model_specs.REGISTRY[name]
+        assert entry.kind == "lora" and entry.defaults["sampler"] == "lcm"
+        assert model_specs.resolve_spec(name).path_in_repo == "pytorch_lora_weights.safetensors"
+
+
+def test_img2img_keeps_the_init_images_size(turbo, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (90, 120, 200)).save(tmp_path / "init.png")
+    result = run_cli("img2img", "a fox", "--init", tmp_path / "init.png", "-m", "tiny-turbo", "--weights-dir", turbo,
+                     "--dtype", "fp32", "--json", "-o", tmp_path / "a.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["size"] == "64x64" and record["steps"] == 2
+    assert record["model_defaults"] == ["cfg", "sampler", "schedule", "steps"]
