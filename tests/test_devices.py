@@ -51,7 +51,7 @@ def test_cli_loads_the_model_with_each_machine_s_auto_device_and_dtype(
     fake_machine(**hardware)
     asked = []
 
-    def load_on_cpu(path, device, dtype, offload=False):
+    def load_on_cpu(path, device, dtype, offload=False, **_):
         asked.append((device, dtype))
         return load_model(path)  # the faked GPU cannot run: the image is made on the CPU in fp32
 

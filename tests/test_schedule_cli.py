@@ -128,13 +128,13 @@ def test_cfg_at_or_below_one_runs_no_unconditional_pass(tiny_checkpoint, tmp_pat
     import sdcli.pipeline
 
     batch_sizes = []
-    original = sdcli.pipeline.encode_prompts
+    original = sdcli.pipeline.encode_schedule
 
-    def counting(model, prompts, clip_skip=1):
+    def counting(model, prompts, *args):
         batch_sizes.append(len(prompts))
-        return original(model, prompts, clip_skip)
+        return original(model, prompts, *args)
 
-    monkeypatch.setattr(sdcli.pipeline, "encode_prompts", counting)
+    monkeypatch.setattr(sdcli.pipeline, "encode_schedule", counting)
     txt2img(tiny_checkpoint, tmp_path / "half.png", "--cfg", 0.5, "--sampler", "euler")
     assert batch_sizes == [1]  # the prompt only: no negative prompt encoded, no unconditional half
     txt2img(tiny_checkpoint, tmp_path / "one.png", "--cfg", 1, "--sampler", "euler")

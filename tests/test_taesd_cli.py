@@ -94,14 +94,16 @@ def test_names_find_either_layout_in_the_weights_folder(tiny_checkpoint, referen
     assert not np.array_equal(a, d)
 
 
-def test_missing_taesd_and_a_full_vae_are_one_line_errors(tiny_checkpoint, tmp_path):
+def test_missing_taesd_and_a_file_that_is_no_vae_are_one_line_errors(tiny_checkpoint, tmp_path):
     empty = tmp_path / "weights"
     empty.mkdir()
     result = run_cli("txt2img", "a", "-m", tiny_checkpoint, "--vae", "taesdxl", "--weights-dir", empty,
                      "-o", tmp_path / "x.png")  # fmt: skip
     assert result.exit_code == 2 and "sdcli download taesdxl" in result.stderr
-    result = run_cli("txt2img", "a", "-m", tiny_checkpoint, "--vae", tiny_checkpoint, "-o", tmp_path / "x.png")
-    assert result.exit_code == 2 and "not a TAESD file" in result.stderr
+    neither = tmp_path / "neither.safetensors"  # neither TAESD nor a VAE
+    save_file({"weight": torch.zeros(2)}, str(neither))
+    result = run_cli("txt2img", "a", "-m", tiny_checkpoint, "--vae", neither, "-o", tmp_path / "x.png")
+    assert result.exit_code == 1 and "not a VAE" in result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "x.png").exists()
 
 
