@@ -1,8 +1,8 @@
 """From a noise-predicting UNet to the denoiser samplers walk, with classifier-free guidance.
 
-Sigma samplers see `D(x, sigma) -> x0` (k-diffusion's contract); timestep samplers (DDIM, DDPM) see
-`eps(x, t)`. Both are built here from the same guided UNet call, so the conditional and unconditional
-inputs always go through the UNet in one batch, and cfg 1 skips the unconditional half.
+Every sampler, DDIM and DDPM included, sees `D(x, sigma) -> x0` (k-diffusion's contract), built here from
+one guided UNet call: the conditional and unconditional inputs go through the UNet in one batch (cfg 1
+skips the unconditional half), and eps- or v-prediction is turned into x0 in one place.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ from sdcli.samplers import Callback, Denoiser, Generators, NoiseSampler, _noise_
 from sdcli.schedules import alphas_cumprod_sd, sigmas_from_alphas_cumprod
 
 
-def _noise_for(x: torch.Tensor, generator: Generators, noise_sampler: NoiseSampler | None, sigmas, stochastic: bool):
+def _noise_for(
+    x: torch.Tensor, generator: Generators, noise_sampler: NoiseSampler | None, sigmas: torch.Tensor, stochastic: bool
+) -> NoiseSampler:
     # A grid whose only step goes to 0 draws nothing, so it needs no generator (e.g. a 1-step LCM image).
     needed = stochastic and bool((sigmas[1:] > 0).any())
     return _noise_sampler(x, generator, noise_sampler, 1.0 if needed else 0.0)
@@ -41,8 +43,9 @@ def sample_lcm(
     it afresh to the next sigma. The last step returns x0.
 
     Equals diffusers' LCMScheduler when the denoiser includes LCM's boundary condition
-    (c_skip x + c_out x0, see `lcm_boundary_condition`); models are usually run without it, as ComfyUI does,
-    since for every LCM timestep above 0 it changes x0 by under 1e-5 relative.
+    (c_skip x + c_out x0, see `lcm_boundary_condition`). Models are usually run without it, as ComfyUI does: at
+    step 19, the lowest LCM step, c_skip < 7e-6 and 1 - c_out < 4e-6, and with 4 steps (lowest step 259) both
+    are below 4e-8, so it moves x0 by about 1e-5 of its scale at most.
     """
     noise = _noise_for(x, generator, noise_sampler, sigmas, True)
     s_in = x.new_ones([x.shape[0]])
