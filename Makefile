@@ -41,6 +41,7 @@ test: lint
 bench: $(VENV)/.test-installed
 	$(PY) bench/run.py
 	$(PY) bench/lora.py
+	$(PY) bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
