@@ -1,8 +1,8 @@
 """Whether a batch fits in the device's free memory, estimated before the model loads.
 
 A size or batch far beyond the device would otherwise allocate until the process dies; checked up front it
-is one line saying what would help. The estimate is a sum of three parts, each an upper-side rule rather
-than a measurement, so that a job it refuses would really not have run:
+is one line saying what would help. The estimate is a sum of three parts, each a rule set at or above what
+was measured, so that a job it refuses would really not have run:
 
 - the weights, at the dtype they are cast to (nothing on the compute device with `--low-memory` on a GPU:
   there the networks wait on the CPU);
@@ -28,12 +28,14 @@ if TYPE_CHECKING:
     from sdcli.families import Family
     from sdcli.header import TensorInfo
 
-# Feature maps `model_channels` x h x w alive at once per image, at the peak of the UNet's first level with
-# attention (SD 1.x, SD 2.x): 5.4 for the skip connections kept for the up path (3 at the first level, then
-# 3 x 2C at 1/4 the area, 3 x 4C at 1/16, 3 x 4C at 1/64); 16 inside a transformer block's feed-forward
-# (its GEGLU projection, 8C wide, then the gate's GELU and the product, 4C each); 3 for the residual stream,
-# its norm and the block's input. About 24; SDXL, without attention at its first level, stays below it.
-UNET_MAPS = 24
+# Feature maps `model_channels` x h x w per image at the peak of the UNet's first level with attention (SD 1.x,
+# SD 2.x). Counted: 5.4 for the skip connections kept for the up path (3 at the first level, then 3 x 2C at
+# 1/4 the area, 3 x 4C at 1/16, 3 x 4C at 1/64); 16 inside a transformer block's feed-forward (its GEGLU
+# projection, 8C wide, then the gate's GELU and the product, 4C each); 3 for the residual stream, its norm
+# and the block's input: about 24, before the kernels' own buffers. Measured (peak RSS growth over one fp32
+# forward of batch 2 on a CPU, the SD 1.x UNet at model_channels 64, 128 and 320, latents 64 to 128): 32 to
+# 38. Hence 40; SDXL, without attention at its first level, stays below it.
+UNET_MAPS = 40
 # A tiled decode works on tiles of this many latent pixels a side (`tiling.decode_tiled`'s default).
 TILE_LATENT = 64
 FLOAT32_BYTES = 4
