@@ -163,10 +163,12 @@ def _generate_command(command: str, opts: dict, group) -> int:
     if not mine:  # more processes than images left: this one only joins the report
         return _final_report(group, 0, failures, sum(skipped), quiet)
     ensure_writable(p.target.parent for p in planned)
+    device, dtype = _device_and_dtype(opts, launch)
+    _check_memory(model_path, family, [p.request for p in mine], opts, device, dtype)
     first_loras = planned[0].request.loras  # the batches run LoRA set by set, the first job's first
     embeddings = _embeddings(opts, family, planned, warn)
     with report.loading(model_path.name):
-        model = _load(model_path, opts, warn, library.patch(first_loras), launch)
+        model = _load(model_path, opts, warn, library.patch(first_loras), device, dtype)
         taesd = _taesd(model, opts, warn)
     loras = ActiveLoras(library, model, first_loras)
     model_hash = short_hash(model_path)
@@ -387,14 +389,34 @@ def _show_prompts(opts: dict, family, texts: list[tuple[str, int]], warn: Callab
     return library
 
 
-def _load(path: Path, opts: dict, warn: Callable[[str], None], patch, launch):
-    from sdcli.checkpoint import load_model
-    from sdcli.devices import resolve_device, resolve_dtype, slow_dtype_note
+def _device_and_dtype(opts: dict, launch):
+    """The compute device (this process's, under torchrun or srun) and the precision for it."""
+    from sdcli.devices import resolve_device, resolve_dtype
     from sdcli.distributed import place
-    from sdcli.pipeline import compile_unet
 
     device = place(resolve_device(opts["device"]), launch)
-    dtype = resolve_dtype(opts["dtype"], device)
+    return device, resolve_dtype(opts["dtype"], device)
+
+
+def _check_memory(path: Path, family, requests: list, opts: dict, device, dtype) -> None:
+    """Refuse, before anything loads, a batch that cannot fit in the device's free memory (where it is known)."""
+    from sdcli import tiling
+    from sdcli.header import read_header
+    from sdcli.memory_check import check_fits
+
+    free = tiling.available_memory(device)
+    if free is not None:
+        check_fits(
+            requests, family, read_header(path), batch_size=opts["batch_size"], device=device, dtype=dtype,
+            free=free, low_memory=opts["low_memory"], vae_tiling=opts["vae_tiling"],
+        )  # fmt: skip
+
+
+def _load(path: Path, opts: dict, warn: Callable[[str], None], patch, device, dtype):
+    from sdcli.checkpoint import load_model
+    from sdcli.devices import slow_dtype_note
+    from sdcli.pipeline import compile_unet
+
     if note := slow_dtype_note(dtype, device):
         warn(note)
     model = load_model(
