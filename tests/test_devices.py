@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from sdcli import checkpoint, devices
+from sdcli import checkpoint, devices, tiling
 from sdcli.checkpoint import load_model
 from sdcli.devices import cpu_has_native_bf16, cpuinfo_flags, resolve_device, resolve_dtype, slow_dtype_note
 from sdcli.errors import UsageError
@@ -56,6 +56,7 @@ def test_cli_loads_the_model_with_each_machine_s_auto_device_and_dtype(
         return load_model(path)  # the faked GPU cannot run: the image is made on the CPU in fp32
 
     monkeypatch.setattr(checkpoint, "load_model", load_on_cpu)
+    monkeypatch.setattr(tiling, "available_memory", lambda device: None)  # a faked GPU has no memory to ask about
     result = run_cli("txt2img", "x", "-m", tiny_checkpoint, "--steps", 1, "-W", 64, "-H", 64, "-o", tmp_path / "a.png")
     assert result.exit_code == 0, result.output
     assert asked == [(device, dtype)]
