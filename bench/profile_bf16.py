@@ -40,6 +40,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"cl": torch.channels_last, "nchw": torch.contiguous_format}
 CLASSES = ("convolution", "GEMM/linear", "attention", "GroupNorm", "LayerNorm", "elementwise", "other")
 COMPUTE_CLASSES = ("convolution", "GEMM/linear", "attention")
+MEMORY_CLASSES = ("GroupNorm", "LayerNorm", "elementwise")
 # Substrings of aten op names, first match wins (order matters: "linear" before "gelu" is irrelevant, but
 # "_flash_attention" must not fall into "elementwise" via "_to").
 PATTERNS = (
@@ -164,11 +165,14 @@ def measure(model, dtype: torch.dtype, size: int, layout: str, repeats: int, rat
             floor = f / rate / 1e9
             cells = [f"{f / 1e9:.0f}", f"{f / s / 1e9:.0f}" if s else "", f"{f / s / 1e9 / rate:.0%}" if s else ""]
             cells += ["", ""]
-        else:
+        elif cls in MEMORY_CLASSES:
             floor = b / bandwidth / 1e9
             cells = ["", "", "", f"{b / 1e9:.2f}", f"{b / s / 1e9:.1f}" if s else ""]
+        else:  # allocations, views, upsampling: no meaningful bytes from input shapes
+            floor, cells = 0.0, [""] * 5
         ratio = f"{s / floor:.1f}" if floor else ""
-        print(f"| {cls} | {s:.3f} | {s / profiled:.1%} | " + " | ".join(cells) + f" | {floor:.3f} | {ratio} |")
+        floor_cell = f"{floor:.3f}" if floor else ""
+        print(f"| {cls} | {s:.3f} | {s / profiled:.1%} | " + " | ".join(cells) + f" | {floor_cell} | {ratio} |")
     print(f"| total | {profiled:.3f} | 100% | {total_flops / 1e9:.0f} | | | | | | |")
     print("top ops by self CPU time: " + "; ".join(f"{name} {s:.3f} s" for name, s in top))
 
