@@ -47,3 +47,18 @@ def load() -> tuple[types.ModuleType, types.ModuleType]:
             else:
                 sys.modules[name] = module
     return sampling, external
+
+
+def eps_denoiser(unet):
+    """k-diffusion's discrete eps denoiser (SD's scaled-linear schedule) around a diffusers UNet:
+    `denoiser(x, sigma, context=...) -> x0`."""
+    from diffusers import DDPMScheduler
+
+    _, external = load()
+    alphas_cumprod = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+
+    class DiffusersUNet(external.DiscreteEpsDDPMDenoiser):
+        def get_eps(self, x, t, context):
+            return self.inner_model(x, t, encoder_hidden_states=context).sample
+
+    return DiffusersUNet(unet, alphas_cumprod, quantize=False)

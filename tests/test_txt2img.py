@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_SD1, run_cli
+from kdiffusion_ref import eps_denoiser
 from kdiffusion_ref import load as load_kdiffusion
 from PIL import Image
 from reference import reference_models_from_file, reference_pipeline, reference_tokenizer
@@ -58,16 +59,7 @@ class _EpsDenoiser:
     """k-diffusion's discrete eps denoiser around diffusers' UNet, with classifier-free guidance."""
 
     def __init__(self, unet, cond, uncond):
-        _, external = load_kdiffusion()
-        from diffusers import DDPMScheduler
-
-        ac = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
-
-        class Wrapped(external.DiscreteEpsDDPMDenoiser):
-            def get_eps(self, x, t, context):
-                return self.inner_model(x, t, encoder_hidden_states=context).sample
-
-        self.model = Wrapped(unet, ac, quantize=False)
+        self.model = eps_denoiser(unet)
         self.cond, self.uncond = cond, uncond
 
     def __call__(self, x, sigma):
