@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from sdcli.errors import ImageError, UsageError
 from sdcli.images import read_png_parameters
 from sdcli.infotext import AUTOMATIC, parse_infotext, schedule_from_label
+from sdcli.request import parse_pair
 
 # The fields a JSON Lines job may set, with the types JSON gives them.
 JOB_FIELDS: dict[str, tuple[type, ...]] = {
@@ -30,6 +31,8 @@ JOB_FIELDS: dict[str, tuple[type, ...]] = {
     "n": (int,),
     "output": (str,),
     "lora": (str, list),  # FILE[:WEIGHT], or a list of them, as --lora
+    "original_size": (str,),  # SDXL: "WxH", as --original-size
+    "crop": (str,),  # SDXL: "X,Y", as --crop
 }
 IMAGE_JOB_FIELDS: dict[str, tuple[type, ...]] = {"init": (str,), "mask": (str,), "strength": (int, float)}
 
@@ -192,7 +195,12 @@ def job_from_png(path: str) -> PngJob:
             values["strength"] = float(params["Denoising strength"])
         if "Mask blur" in params:
             values["mask_blur"] = int(params["Mask blur"])
-    except ValueError as e:
+        # SDXL's size conditioning, as `infotext_parameters` writes it.
+        if "Original size" in params:
+            values["original_size"] = "x".join(map(str, parse_pair(params["Original size"], "x", "Original size")))
+        if "Crop" in params:
+            values["crop"] = ",".join(map(str, parse_pair(params["Crop"], ",", "Crop")))
+    except (ValueError, UsageError) as e:
         raise ImageError(f"{path}: unreadable generation parameters ({e})") from None
     # A1111 reads a missing RNG as its default, GPU; sdcli images made before it wrote RNG used the CPU.
     rng = params.get("RNG", "CPU" if params.get("Version", "").startswith("sdcli") else "GPU")

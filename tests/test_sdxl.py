@@ -6,6 +6,7 @@ with its "text_time" addition embedding, and the VAE with SDXL's scale factor. W
 the unconditional branch zero embeddings (diffusers' `force_zeros_for_empty_prompt`).
 """
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -219,3 +220,22 @@ def test_from_png_of_an_image_made_without_negative_prompt_regenerates_it(sdxl_f
     assert result.exit_code == 0, result.output
     again = np.asarray(Image.open(tmp_path / "again.png").convert("RGB"), dtype=np.float64) / 255
     assert np.array_equal(first, again)
+
+
+def test_from_png_and_prompt_files_carry_the_size_conditioning(sdxl_file, tmp_path):
+    first = generate(sdxl_file, tmp_path / "first.png", "euler", "--original-size", "96x80", "--crop", "8,16")
+    assert not np.array_equal(first, generate(sdxl_file, tmp_path / "plain.png", "euler"))  # it changes the image
+    result = run_cli(
+        "txt2img", "--from-png", tmp_path / "first.png", "-m", sdxl_file, "--dtype", "fp32", "--device", "cpu",
+        "-o", tmp_path / "again.png",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(first, np.asarray(Image.open(tmp_path / "again.png").convert("RGB"), dtype=np.float64) / 255)
+    line = {"prompt": PROMPT, "original_size": "96x80", "crop": "8,16", "output": "line.png"}
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(line) + "\n")
+    result = run_cli(
+        "txt2img", "--prompt-file", tmp_path / "jobs.jsonl", "-m", sdxl_file, "-W", SIZE, "-H", SIZE, "--steps", STEPS,
+        "--cfg", CFG, "--seed", SEED, "--sampler", "euler", "--dtype", "fp32", "--device", "cpu", "--outdir", tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(first, np.asarray(Image.open(tmp_path / "line.png").convert("RGB"), dtype=np.float64) / 255)
