@@ -23,6 +23,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from kdiffusion_ref import load
+from test_samplers import ListNoise
 
 from sdcli import samplers_fast
 from sdcli.errors import UsageError
@@ -48,17 +49,6 @@ def toy_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     flat = x.flatten(1) * ((sigma**2 + 1) ** -0.5)[:, None]
     mixing, bias = MIXING.to(x.dtype), BIAS.to(x.dtype)
     return torch.tanh(torch.stack([mixing @ row for row in flat]) + bias).view(x.shape)
-
-
-class ListNoise:
-    """Pre-drawn noises in order, so that two samplers see identical noise."""
-
-    def __init__(self, noises: list[torch.Tensor]) -> None:
-        self.noises, self.calls = noises, 0
-
-    def __call__(self, sigma, sigma_next) -> torch.Tensor:
-        self.calls += 1
-        return self.noises[self.calls - 1]
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
