@@ -44,7 +44,7 @@ def _generate_command(command: str, opts: dict, group) -> int:
     from sdcli.distributed import deal
     from sdcli.extra_networks import parse_lora_option
     from sdcli.lora_sets import ActiveLoras, LoraLibrary, check_recorded_hashes, parse_lora_hashes
-    from sdcli.model_specs import model_defaults
+    from sdcli.model_specs import lora_defaults, model_defaults
     from sdcli.outputs import Namer, ensure_writable
     from sdcli.progress import progress_report, sampling_steps
     from sdcli.request import DEFAULTS, is_random_seed, model_settings, random_seed
@@ -99,6 +99,7 @@ def _generate_command(command: str, opts: dict, group) -> int:
     if png is not None and png.vae_name and not opts.get("vae"):
         warn(f"the image was made with the VAE {png.vae_name}: pass --vae FILE to use it too")
     accepted = []
+    job_defaults: dict[int, list[str]] = {}  # the settings each job takes from its model or LoRAs
     offset = 0
 
     def job_failed(job, error: SdcliError) -> None:
@@ -120,6 +121,11 @@ def _generate_command(command: str, opts: dict, group) -> int:
             options = [*run_loras, *(parse_lora_option(text) for text in line_loras)]
             values["prompt"], values["loras"] = library.resolve(values["prompt"], options)
             library.patch(values["loras"])
+            # An LCM-LoRA's recommended settings replace the defaults of the options neither typed nor on the line.
+            given = opts.get("given", set(opts)) | set(job.values)
+            from_lora = model_settings(lora_defaults(ref.path for ref in values["loras"]), given)
+            values.update(from_lora)
+            job_defaults[id(job)] = sorted({*from_model, *from_lora})
             if png is not None:
                 check_recorded_hashes(values["loras"], parse_lora_hashes(png.lora_hashes), warn)
             own_seed = job.values.get("seed")
@@ -192,7 +198,9 @@ def _generate_command(command: str, opts: dict, group) -> int:
                               warn=warn, use_loras=loras.use, embeddings=embeddings,
                               taesd=taesd if opts.get("vae") and vae_file is None else None):  # fmt: skip
                 if isinstance(result, Written):
-                    record = _record(result, model_path.stem, model_hash, model.vae_path, sorted(from_model))
+                    record = _record(
+                        result, model_path.stem, model_hash, model.vae_path, job_defaults[id(result.planned.job)]
+                    )
                     record.update(index=global_index[id(result.planned)], rank=launch.rank)
                     sys.stdout.write((json.dumps(record) if opts["json"] else str(result.path)) + "\n")
                     sys.stdout.flush()

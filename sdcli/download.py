@@ -147,6 +147,8 @@ def _download(
     resolved = resolve_spec(spec)
     expected = _expected_sha256(resolved, sha256)
     directory = require_weights_dir(weights_dir).expanduser().resolve()
+    if resolved.entry is not None and resolved.entry.kind == "lora":
+        directory = directory / "loras"  # the default --lora-dir: usable by name in <lora:NAME:W> at once
     dest = dest_in(directory, resolved.filename)
     offline = is_offline(offline)
     if _have_verified(dest, expected, resolved, offline):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,7 @@ __all__ = [
     "RegistryEntry",
     "dest_in",
     "hub_endpoint",
+    "lora_defaults",
     "mask_credentials",
     "model_defaults",
     "resolve_spec",
@@ -241,6 +243,16 @@ def model_defaults(path: Path) -> dict[str, object]:
         if entry.kind == "checkpoint" and entry.filename == path.name:
             return dict(entry.defaults)
     return {}
+
+
+def lora_defaults(paths: Iterable[Path]) -> dict[str, object]:
+    """The recommended settings of the registry LoRAs (LCM-LoRA) among `paths` (by file name), or {}."""
+    names = {path.name for path in paths}
+    settings: dict[str, object] = {}
+    for entry in REGISTRY.values():
+        if entry.kind == "lora" and entry.filename in names:
+            settings.update(entry.defaults)
+    return settings
 
 
 def resolve_spec(spec: str) -> DownloadSpec:

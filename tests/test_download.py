@@ -112,6 +112,14 @@ def test_alias_downloads_and_checks_the_registry_sha256(hub, weights, monkeypatc
     assert dl.download("tiny", weights, progress=False).read_bytes() == DATA
 
 
+def test_a_registry_lora_lands_in_the_default_lora_folder(hub, weights, monkeypatch):
+    entry = dl.RegistryEntry("tiny-lora", REPO, "tiny-lcm.safetensors", "sd1", SHA, "test", path_in_repo=FILE,
+                             kind="lora")  # fmt: skip
+    monkeypatch.setitem(dl.REGISTRY, "tiny-lora", entry)
+
+    assert dl.download("tiny-lora", weights, progress=False) == (weights / "loras" / "tiny-lcm.safetensors").resolve()
+
+
 def test_alias_whose_registry_sha256_differs_from_the_hub_is_refused_before_downloading(hub, weights, monkeypatch):
     monkeypatch.setitem(dl.REGISTRY, "tiny", dl.RegistryEntry("tiny", REPO, FILE, "sd1", "0" * 64, "test model"))
 

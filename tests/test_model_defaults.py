@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -97,3 +98,66 @@ def test_img2img_keeps_the_init_images_size(turbo, tmp_path):
     record = json.loads(result.stdout)
     assert record["size"] == "64x64" and record["steps"] == 2
     assert record["model_defaults"] == ["cfg", "sampler", "schedule", "steps"]
+
+
+@pytest.fixture
+def lcm_lora(tiny_checkpoint, tmp_path, monkeypatch):
+    """A LoRA folder holding a random LoRA for the tiny checkpoint, registered as an LCM-LoRA (steps 3, cfg 1, lcm)."""
+    from test_lora import reference_pipe, write_kohya_lora
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    write_kohya_lora(reference_pipe(tiny_checkpoint), folder / "tiny-lcm.safetensors", seed=5, rank=2)
+    entry = model_specs.RegistryEntry(
+        "tiny-lcm", "test/tiny-lcm", "tiny-lcm.safetensors", "sd1", None, "test LoRA", LCM, kind="lora"
+    )
+    monkeypatch.setitem(model_specs.REGISTRY, "tiny-lcm", entry)
+    return folder
+
+
+LCM = {"steps": 3, "cfg": 1.0, "sampler": "lcm"}
+
+
+def lcm_run(checkpoint, folder, out, prompt, *extra):
+    result = run_cli("txt2img", prompt, "-m", checkpoint, "--lora-dir", folder, "-W", 64, "-H", 64, "--seed", 4,
+                     "--dtype", "fp32", "--json", "-o", out, *extra)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_an_lcm_lora_brings_its_recommended_settings(tiny_checkpoint, lcm_lora, tmp_path):
+    (tag,) = lcm_run(tiny_checkpoint, lcm_lora, tmp_path / "a.png", "a fox <lora:tiny-lcm:1>")
+    assert (tag["steps"], tag["cfg"], tag["sampler"], tag["model_defaults"]) == (
+        3,
+        1.0,
+        "LCM",
+        ["cfg", "sampler", "steps"],
+    )
+    # --lora FILE does the same; what the user types wins.
+    lora_file = lcm_lora / "tiny-lcm.safetensors"
+    (option,) = lcm_run(tiny_checkpoint, lcm_lora, tmp_path / "b.png", "a fox", "--lora", lora_file, "--steps", 2)
+    assert (option["steps"], option["sampler"], option["model_defaults"]) == (2, "LCM", ["cfg", "sampler"])
+    # The same settings typed out make the same image as the LoRA's defaults.
+    lcm_run(tiny_checkpoint, lcm_lora, tmp_path / "c.png", "a fox <lora:tiny-lcm:1>", "--steps", 3, "--cfg", 1,
+            "--sampler", "lcm")  # fmt: skip
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "c.png").read_bytes()
+
+
+def test_lcm_lora_defaults_apply_only_to_the_prompt_file_lines_that_use_it(tiny_checkpoint, lcm_lora, tmp_path):
+    lines = tmp_path / "prompts.txt"
+    lines.write_text(
+        'a fox <lora:tiny-lcm:1>\n--prompt "a cat" --steps 2\n--prompt "a dog <lora:tiny-lcm:1>" --cfg_scale 2\n'
+    )
+    result = run_cli("txt2img", "--prompt-file", lines, "-m", tiny_checkpoint, "--lora-dir", lcm_lora, "-W", 64,
+                     "-H", 64, "--seed", 4, "--dtype", "fp32", "--json", "--outdir", tmp_path / "out")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    fox, cat, dog = [json.loads(line) for line in result.stdout.splitlines()]
+    assert (fox["steps"], fox["cfg"], fox["sampler"]) == (3, 1.0, "LCM")
+    assert (cat["steps"], cat["cfg"], cat["sampler"]) == (2, 7.5, "DPM++ 2M Karras") and "model_defaults" not in cat
+    assert (dog["steps"], dog["cfg"], dog["sampler"], dog["model_defaults"]) == (3, 2.0, "LCM", ["sampler", "steps"])
+
+
+def test_lora_defaults_by_file_name():
+    entry = model_specs.REGISTRY["lcm-lora-sd15"]
+    assert model_specs.lora_defaults([Path("x") / entry.filename]) == entry.defaults
+    assert model_specs.lora_defaults([Path("other.safetensors")]) == {}
