@@ -146,10 +146,12 @@ def check_fits(
     free: int | None,
     low_memory: bool,
     vae_tiling: bool | None,
+    loaded: bool = False,
 ) -> None:
     """Raise SdcliError (one line, `too_large_message`) when a batch of `requests` (GenerationRequests, run
     `batch_size` at a time on `device` in `dtype`) would need more than the `free` bytes; None: unknown,
-    nothing is checked."""
+    nothing is checked. `loaded`: the weights are in memory already (a server's model), so `free` is what
+    is left beside them."""
     if free is None:
         return
     import torch
@@ -160,7 +162,7 @@ def check_fits(
     size = torch.empty(0, dtype=dtype).element_size()
     vae_size = torch.empty(0, dtype=vae_dtype(family, dtype, device)).element_size()
     offloaded = low_memory and device.type != "cpu"
-    weights = 0 if offloaded else weights_bytes(infos, family, size)
+    weights = 0 if offloaded or loaded else weights_bytes(infos, family, size)
     counts: dict[tuple[int, int, bool], int] = {}
     for r in requests:  # batches hold requests of one size and cfg (among other settings)
         key = (r.width, r.height, r.cfg > 1)

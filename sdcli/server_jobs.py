@@ -29,12 +29,13 @@ from sdcli.errors import SdcliError
 from sdcli.families import Family, detect
 from sdcli.header import read_header
 from sdcli.jobs import Job
+from sdcli.memory_check import check_fits
 from sdcli.progress import Report
 from sdcli.request import DEFAULTS, is_random_seed, random_seed
 from sdcli.sampler_names import SAMPLERS, resolve_sampler, resolve_sampler_and_schedule
 from sdcli.server_models import RESIZE_MODES, Img2ImgRequest, Txt2ImgRequest, unsupported_fields
 from sdcli.server_queue import JobQueue
-from sdcli.tiling import is_out_of_memory
+from sdcli.tiling import available_memory, is_out_of_memory
 from sdcli.weights import list_local_models, short_hash
 
 MAX_IMAGES_PER_REQUEST = 100
@@ -280,6 +281,7 @@ class Service:
     def generate(self, plan: Plan) -> dict:
         """Run a plan on the generation thread; the A1111 response body."""
         model = self.models.ensure(plan.model)
+        self._check_memory(model, plan)
         report = ProgressReport(xl=model.family.unet.adm_in_channels > 0)
         self.progress = report
         self.job_timestamp = time.strftime("%Y%m%d%H%M%S")
@@ -311,6 +313,19 @@ class Service:
         if failure is not None and not images:
             raise ServerError(failure, 507 if "out of memory" in failure else 500)
         return self._response(plan, model, images, interrupted or stop())
+
+    def _check_memory(self, model: StableDiffusion, plan: Plan) -> None:
+        """507 before sampling when the plan's batches cannot fit beside the loaded model (checked here, on
+        the generation thread, so that no other job's activations count against it)."""
+        free = available_memory(self.settings.device)
+        try:
+            check_fits(
+                [p.request for p in plan.planned], model.family, read_header(model.path), batch_size=plan.batch_size,
+                device=self.settings.device, dtype=self.settings.dtype, free=free, low_memory=False,
+                vae_tiling=None, loaded=True,
+            )  # fmt: skip
+        except SdcliError as error:
+            raise ServerError(str(error), 507) from None
 
     def _response(self, plan: Plan, model: StableDiffusion, images: list, interrupted: bool) -> dict:
         requests = [p.request for p in plan.planned]

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import TINY_SD1, run_cli
 from PIL import Image
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
+from sdcli.memory_check import estimate  # noqa: E402
 from sdcli.server import create_app  # noqa: E402
 from sdcli.server_jobs import Service, Settings  # noqa: E402
 
@@ -337,6 +338,28 @@ def test_out_of_memory_is_507_a_bug_500_and_the_server_keeps_serving(served, mon
         patched.setattr(sdcli.batch, "generate", broken)
         assert client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL}).status_code == 500
     assert len(images_of(client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL}))) == 1
+
+
+def test_a_batch_that_cannot_fit_beside_the_model_is_507_before_sampling(served, monkeypatch):
+    import sdcli.batch
+    import sdcli.server_jobs
+
+    client, _ = served
+    # Free memory between what a 64x64 image and a 1024x1024 one need (weights excluded: they are loaded).
+    need = [estimate(TINY_SD1, size, size, 1, cfg=7.0, dtype_bytes=4, weights=0, vae_tiled=True).total
+            for size in (64, 1024)]  # fmt: skip
+    free = 2 * need[0]
+    assert free < need[1]
+    sampled = []
+    with monkeypatch.context() as patched:
+        patched.setattr(sdcli.server_jobs, "available_memory", lambda device: free)
+        patched.setattr(sdcli.batch, "generate", lambda *a, **k: sampled.append(1))  # must not be reached
+        response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 1024, "height": 1024})
+        assert response.status_code == 507 and "needs about" in response.text and sampled == []
+        # A small batch fits in the same memory: the loaded weights are not counted again.
+        patched.undo()
+        patched.setattr(sdcli.server_jobs, "available_memory", lambda device: free)
+        assert len(images_of(client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL}))) == 1
 
 
 def test_authentication_basic_or_bearer(tiny_checkpoint, tmp_path):
