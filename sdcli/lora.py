@@ -263,11 +263,12 @@ class LoraPatch:
     """The loading hook for a set of LoRAs: a touched weight becomes W + sum of weighted changes.
 
     Call it with (checkpoint key, tensor): the sum is computed in fp32 and cast back to the tensor's
-    dtype; a key no LoRA touches returns the same tensor object. `keys` are the keys it changes, so a
-    prompt file that switches LoRA sets reloads only `old.keys | new.keys`.
+    dtype; a key no LoRA touches returns the same tensor object. Each term is (module, weight, rows):
+    `rows` (i, n) adds the change to the i-th of n blocks of rows only (q, k or v of a fused projection).
+    `keys` are the keys it changes, so a prompt file that switches LoRA sets reloads only `old.keys | new.keys`.
     """
 
-    def __init__(self, terms: Mapping[str, Sequence[tuple[LoraModule, float]]]):
+    def __init__(self, terms: Mapping[str, Sequence[tuple[LoraModule, float, tuple[int, int] | None]]]):
         self.terms = {key: tuple(t) for key, t in terms.items() if t}
 
     @property
@@ -281,8 +282,9 @@ class LoraPatch:
         # A contiguous fp32 copy: the file's tensor is never written to, whatever its dtype or layout.
         merged = tensor.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         flat = merged.view(merged.shape[0], -1)
-        for module, weight in terms:
-            flat.add_(module.delta(merged.device), alpha=weight)
+        for module, weight, rows in terms:
+            block = flat if rows is None else flat.chunk(rows[1])[rows[0]]
+            block.add_(module.delta(merged.device), alpha=weight)
         return merged.to(tensor.dtype)
 
 
@@ -295,12 +297,13 @@ def lora_patch(
 ) -> LoraPatch:
     """The patch hook merging `loras`, each given as (lora, text-encoder weight, UNet weight), into a checkpoint.
 
-    `shapes` maps the checkpoint's keys to shapes (its safetensors header). Raises LoraError, naming the
-    file, for modules that match no weight of the model (unless `ignore_unknown`) and for changes whose
-    shape differs from the weight's (a LoRA for another model family).
+    The text-encoder weight applies to every text encoder. `shapes` maps the checkpoint's keys to shapes
+    (its safetensors header). Raises LoraError, naming the file, for modules that match no weight of the
+    model (unless `ignore_unknown`) and for changes whose shape differs from the weight's (a LoRA for
+    another model family).
     """
-    aliases = lora_aliases(lora_targets(family), (k for k in shapes if k.endswith(".weight")))
-    terms: dict[str, list[tuple[LoraModule, float]]] = {}
+    aliases = lora_aliases(lora_targets(family), shapes)
+    terms: dict[str, list[tuple[LoraModule, float, tuple[int, int] | None]]] = {}
     for lora, weight_te, weight_unet in loras:
         unknown = list(lora.unknown) + [m for m in lora.modules if m not in aliases]
         if unknown and not ignore_unknown:
@@ -312,16 +315,19 @@ def lora_patch(
         for name, module in lora.modules.items():
             if name not in aliases:
                 continue
-            target, key = aliases[name]
+            target, key, rows = aliases[name]
             shape = shapes[key]
-            if module.delta_shape() != (shape[0], math.prod(shape[1:])):
+            expected = (shape[0] // (rows[1] if rows else 1), math.prod(shape[1:]))
+            if module.delta_shape() != expected:
+                what = f"rows {rows[0] + 1} of {rows[1]} of '{key}' are" if rows else f"'{key}' is"
                 raise LoraError(
-                    f"{lora.path}: module '{name}' changes a {module.delta_shape()} matrix but '{key}' is "
-                    f"{tuple(shape)}: this LoRA is for another model (e.g. SDXL); use one made for {family.name}"
+                    f"{lora.path}: module '{name}' changes a {module.delta_shape()} matrix but {what} "
+                    f"{expected if rows else tuple(shape)}: this LoRA is for another model; "
+                    f"use one made for {family.name}"
                 )
             weight = weight_unet if target.network == "unet" else weight_te
             if weight:
-                terms.setdefault(key, []).append((module, weight))
+                terms.setdefault(key, []).append((module, weight, rows))
     return LoraPatch(terms)
 
 
