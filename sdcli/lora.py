@@ -56,7 +56,7 @@ LEGACY_NAMES = (
     (re.compile(r"\.self_attn\.to_(q|k|v|out)_lora\.(down|up)\.weight$"), r".self_attn.\1_proj.lora.\2.weight"),
 )
 # Parts of forms whose merge we do not implement: refused by name rather than merged wrongly. LyCORIS' DoRA
-# (`dora_scale`, a magnitude per input column by default) has no reference here: diffusers drops those tensors.
+# (`dora_scale`, its axis chosen by the trainer) has no reference here: diffusers drops those tensors.
 UNSUPPORTED = {
     "dora_scale": "LyCORIS DoRA (dora_scale)",
     "lokr_t1": "LoKr with a Tucker-decomposed first factor",
@@ -337,13 +337,13 @@ def lora_patch(
                 continue
             target, key, rows = aliases[name]
             shape = shapes[key]
-            expected = (shape[0] // (rows[1] if rows else 1), math.prod(shape[1:]))
-            if module.delta_shape() != expected:
-                what = f"rows {rows[0] + 1} of {rows[1]} of '{key}' are" if rows else f"'{key}' is"
+            height = shape[0] // (rows[1] if rows else 1)
+            if module.delta_shape() != (height, math.prod(shape[1:])):
+                start = rows[0] * height if rows else 0
+                part = f" (its rows {start}:{start + height})" if rows else ""
                 raise LoraError(
-                    f"{lora.path}: module '{name}' changes a {module.delta_shape()} matrix but {what} "
-                    f"{expected if rows else tuple(shape)}: this LoRA is for another model; "
-                    f"use one made for {family.name}"
+                    f"{lora.path}: module '{name}' changes a {module.delta_shape()} matrix but '{key}' is "
+                    f"{tuple(shape)}{part}: this LoRA is for another model; use one made for {family.name}"
                 )
             weight = weight_unet if target.network == "unet" else weight_te
             if weight:

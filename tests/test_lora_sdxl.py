@@ -219,3 +219,16 @@ def test_sd1_lora_on_sdxl_and_sdxl_lora_on_sd1_are_one_line_errors_naming_the_fi
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
         assert str(lora) in lines[0] and not out.exists()
+
+
+def test_a_q_k_or_v_change_of_the_wrong_width_names_the_rows_it_would_change(sdxl_file, tmp_path):
+    module = "lora_te2_text_model_encoder_layers_0_self_attn_k_proj"  # full-size bigG: 1280 wide, here 64
+    path = tmp_path / "big.safetensors"
+    save_file(
+        {f"{module}.lora_down.weight": torch.ones(2, 1280), f"{module}.lora_up.weight": torch.ones(1280, 2)}, path
+    )
+    key = SDXL_BIGG_PREFIX + "transformer.resblocks.0.attn.in_proj_weight"
+    with pytest.raises(
+        LoraError, match=rf"big.safetensors: .*\(1280, 1280\) .*'{key}' is \(192, 64\) \(its rows 64:128\)"
+    ):
+        lora_patch([(load_lora(path), 1.0, 1.0)], TINY_SDXL, shapes_of(sdxl_file))
