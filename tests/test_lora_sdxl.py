@@ -232,3 +232,25 @@ def test_a_q_k_or_v_change_of_the_wrong_width_names_the_rows_it_would_change(sdx
         LoraError, match=rf"big.safetensors: .*\(1280, 1280\) .*'{key}' is \(192, 64\) \(its rows 64:128\)"
     ):
         lora_patch([(load_lora(path), 1.0, 1.0)], TINY_SDXL, shapes_of(sdxl_file))
+
+
+def test_switching_sdxl_lora_sets_equals_a_fresh_load(sdxl_file, tmp_path):
+    """Re-reading the weights a set changes works on bigG's fused projections and the label embedding too."""
+    from pathlib import Path
+
+    from sdcli.checkpoint import load_model
+    from sdcli.extra_networks import LoraRef
+    from sdcli.lora_sets import ActiveLoras, LoraLibrary
+
+    pipe = reference_pipe(sdxl_file)
+    write_kohya(pipe, sdxl_file, tmp_path / "a.safetensors", "original", seed=8)
+    write_kohya(pipe, sdxl_file, tmp_path / "b.safetensors", "diffusers", seed=9, rank=2)
+    library = LoraLibrary(tmp_path, Path(sdxl_file))
+    first = (LoraRef("a", 0.5, 0.7, tmp_path / "a.safetensors"),)
+    second = (LoraRef("b", -1.0, 0.3, tmp_path / "b.safetensors"),)
+    model = load_model(sdxl_file, patch=library.patch(first))
+    ActiveLoras(library, model, first).use(second)
+    fresh = load_model(sdxl_file, patch=library.patch(second))
+    for ours, theirs in zip((*model.text_encoders, model.unet), (*fresh.text_encoders, fresh.unet), strict=True):
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
