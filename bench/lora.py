@@ -42,8 +42,8 @@ def ensure_lora(checkpoint: Path, cache: Path, rank: int = 32) -> Path:
         return path
     shapes = {key: info.shape for key, info in read_header(checkpoint).items()}
     names = {}  # checkpoint key -> its kohya module name (one of its aliases)
-    aliases = lora_aliases(lora_targets(detect(shapes)), (k for k in shapes if k.endswith(".weight")))
-    for alias, (_, key) in aliases.items():
+    aliases = lora_aliases(lora_targets(detect(shapes)), shapes)
+    for alias, (_, key, _) in aliases.items():
         if alias.startswith(("lora_unet_", "lora_te_")) and len(shapes[key]) in (2, 4):
             names.setdefault(key, alias)
     g = torch.Generator().manual_seed(0)

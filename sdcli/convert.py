@@ -8,8 +8,11 @@ inside a ResNet block. Keys are never listed.
 kohya-ss LoRA files spell a module as its dotted name with '.' -> '_' after a prefix per network
 (`lora_unet_down_blocks_0_attentions_0_proj_in`, `lora_te_text_model_encoder_layers_0_mlp_fc1`), using
 the diffusers name for SD 1.x and the original name for SDXL (`lora_unet_input_blocks_4_1_proj_in`);
-diffusers/PEFT files use the dotted diffusers name after `unet.` or `text_encoder.`. `lora_aliases`
-lists every spelling of every weight of a checkpoint, so resolving a LoRA's module is one lookup.
+diffusers/PEFT files use the dotted diffusers name after `unet.` or `text_encoder.`. SDXL's two text
+encoders are `lora_te1_`/`text_encoder.` and `lora_te2_`/`text_encoder_2.`. Text encoders are always
+named as transformers' CLIP, OpenCLIP towers (SD 2.x, SDXL's second) included: their fused q/k/v input
+projection is three LoRA modules, each changing one block of rows. `lora_aliases` lists every spelling
+of every weight of a checkpoint, so resolving a LoRA's module is one lookup.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from sdcli.families import CLIP_PREFIX, UNET_PREFIX, Family, UNetConfig, VAEConfig
+from sdcli.families import UNET_PREFIX, Family, OpenClipConfig, UNetConfig, VAEConfig
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -37,6 +40,11 @@ UNET_RESNET = {
 # Linear (C, C) where ours are 1x1 convolutions (C, C, 1, 1): same numbers, a reshape apart.
 VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+# Inside an OpenCLIP residual block: our name -> transformers' CLIPEncoderLayer name. The attention's fused
+# input projection `attn.in_proj_weight` is transformers' q_proj, k_proj and v_proj stacked (FUSED_PROJECTIONS).
+OPENCLIP_BLOCK = {"attn": "self_attn", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+# A fused weight (our parameter name) -> the modules whose weights it stacks row-wise, in order.
+FUSED_PROJECTIONS = {"in_proj_weight": ("q_proj", "k_proj", "v_proj")}
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,8 @@ def unet_table(cfg: UNetConfig) -> NameTable:
         ("out.0", "conv_norm_out", None),
         ("out.2", "conv_out", None),
     ]
+    if cfg.adm_in_channels:  # SDXL's label embedding of the size/pooled vector: diffusers' "text_time" embedding
+        blocks += [("label_emb.0.0", "add_embedding.linear_1", None), ("label_emb.0.2", "add_embedding.linear_2", None)]
     levels = len(cfg.channel_mult)
     per_level = cfg.num_res_blocks + 1  # res blocks, then a downsampler (input side) or one more res block (output)
     for level in range(levels):
@@ -161,6 +171,17 @@ def clip_table() -> NameTable:
     return NameTable((("text_model", "text_model", None),))
 
 
+def open_clip_table(layers: int) -> NameTable:
+    """Our OpenCLIP text tower names <-> transformers' CLIPTextModel names, per residual block.
+
+    Only the blocks' projections are mapped (what LoRA files adapt); a fused `attn.in_proj_weight` maps to the
+    attention module, `self_attn`, whose q/k/v projections it stacks (FUSED_PROJECTIONS).
+    """
+    return NameTable(
+        tuple((f"transformer.resblocks.{i}", f"text_model.encoder.layers.{i}", OPENCLIP_BLOCK) for i in range(layers))
+    )
+
+
 @dataclass(frozen=True)
 class LoraTarget:
     """One network of a family as LoRA files name it."""
@@ -172,43 +193,72 @@ class LoraTarget:
     table: NameTable
 
 
+class LoraSite(NamedTuple):
+    """Where a LoRA module's change goes: a checkpoint weight, or one block of its rows."""
+
+    target: LoraTarget
+    key: str  # the checkpoint key of the weight
+    rows: tuple[int, int] | None = None  # (i, n): the i-th of n equal blocks of rows (q, k or v of a fused weight)
+
+
 def lora_targets(family: Family) -> tuple[LoraTarget, ...]:
     """The networks a LoRA may adapt in `family`, with their LoRA-file prefixes.
 
-    SDXL adds `lora_te1_`/`text_encoder.` for its first text encoder under `conditioner.embedders.0.`
-    and `lora_te2_`/`text_encoder_2.` for the second, each with its own table.
+    One text encoder is `lora_te_`/`text_encoder.`; with two (SDXL) they are `lora_te1_`/`text_encoder.`
+    (also `lora_te_`, as diffusers reads it) and `lora_te2_`/`text_encoder_2.`.
     """
-    return (
-        # The oldest diffusers files name UNet modules without a prefix.
-        LoraTarget("unet", UNET_PREFIX, ("lora_unet_",), ("unet.", ""), unet_table(family.unet)),
-        LoraTarget("te", CLIP_PREFIX, ("lora_te_",), ("text_encoder.",), clip_table()),
-    )
+    # The oldest diffusers files name UNet modules without a prefix.
+    targets = [LoraTarget("unet", UNET_PREFIX, ("lora_unet_",), ("unet.", ""), unet_table(family.unet))]
+    several = len(family.text_encoders) > 1
+    for i, spec in enumerate(family.text_encoders):
+        kohya = (f"lora_te{i + 1}_",) if several else ()
+        if i == 0:
+            kohya += ("lora_te_",)
+        diffusers = "text_encoder." if i == 0 else f"text_encoder_{i + 1}."
+        is_open_clip = isinstance(spec.config, OpenClipConfig)
+        table = open_clip_table(spec.config.layers) if is_open_clip else clip_table()
+        targets.append(LoraTarget("te", spec.prefix, kohya, (diffusers,), table))
+    return tuple(targets)
 
 
-def lora_aliases(targets: Iterable[LoraTarget], weight_keys: Iterable[str]) -> dict[str, tuple[LoraTarget, str]]:
-    """Every name a LoRA file may give a module -> (its network, our checkpoint key of its weight).
+def _lora_modules(target: LoraTarget, ours: str) -> list[tuple[str, tuple[int, int] | None]]:
+    """The diffusers/transformers module names a LoRA may give our parameter `ours` (no network prefix), each
+    with the rows it changes: one module for a `.weight`, one per block of a fused weight."""
+    if ours.endswith(".weight"):
+        theirs = target.table.to_diffusers(ours.removesuffix(".weight"))
+        return [] if theirs is None else [(theirs, None)]
+    module, _, parameter = ours.rpartition(".")
+    stacked = FUSED_PROJECTIONS.get(parameter, ())
+    theirs = target.table.to_diffusers(module) if stacked else None
+    if theirs is None:
+        return []
+    return [(f"{theirs}.{name}", (i, len(stacked))) for i, name in enumerate(stacked)]
 
-    `weight_keys` are the checkpoint's keys ending in `.weight`. Each module gets its kohya spelling in
-    both the diffusers-derived and the original layout, and its dotted diffusers name; transformers'
-    CLIP names are accepted with and without the leading `text_model.`.
+
+def lora_aliases(targets: Iterable[LoraTarget], keys: Iterable[str]) -> dict[str, LoraSite]:
+    """Every name a LoRA file may give a module -> where its change goes (network, checkpoint key, rows).
+
+    `keys` are the checkpoint's keys (those of no weight a LoRA adapts are skipped). Each module gets its
+    kohya spelling from its diffusers name and, where it is a whole weight, from the original name (SDXL's
+    kohya files), and its dotted diffusers name; transformers' CLIP names are accepted with and without the
+    leading `text_model.`.
     """
-    aliases: dict[str, tuple[LoraTarget, str]] = {}
+    aliases: dict[str, LoraSite] = {}
     targets = tuple(targets)
-    for key in weight_keys:
+    for key in keys:
         target = next((t for t in targets if key.startswith(t.prefix)), None)
-        if target is None or not key.endswith(".weight"):
+        if target is None:
             continue
-        ours = key[len(target.prefix) : -len(".weight")]
-        theirs = target.table.to_diffusers(ours)
-        if theirs is None:
-            continue
-        dotted = {theirs, theirs.removeprefix("text_model.")}
-        for prefix in target.kohya_prefixes:
-            for name in (ours, theirs):
-                aliases[prefix + name.replace(".", "_")] = (target, key)
-        for prefix in target.diffusers_prefixes:
-            for name in dotted:
-                aliases[prefix + name] = (target, key)
+        ours = key[len(target.prefix) :]
+        for theirs, rows in _lora_modules(target, ours):
+            site = LoraSite(target, key, rows)
+            names = (theirs,) if rows else (ours.removesuffix(".weight"), theirs)
+            for prefix in target.kohya_prefixes:
+                for name in names:
+                    aliases[prefix + name.replace(".", "_")] = site
+            for prefix in target.diffusers_prefixes:
+                for name in {theirs, theirs.removeprefix("text_model.")}:
+                    aliases[prefix + name] = site
     return aliases
 
 

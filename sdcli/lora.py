@@ -8,11 +8,13 @@ Formats, told apart by their tensor names (one file may mix them):
 - diffusers / PEFT: `unet.<module>.lora_A.weight`, `.lora_B.weight` (or diffusers' `.lora.down.weight`,
   `.lora_linear_layer.down.weight`, `.processor.to_q_lora.down.weight`), alpha from a `<module>.alpha`
   tensor or from PEFT's config in the file's `lora_adapter_metadata` (`lora_alpha`, `alpha_pattern`,
-  `use_rslora`); scale 1 when the file gives none.
+  `use_rslora`); scale 1 when the file gives none. PEFT's DoRA adds `.lora_magnitude_vector` (`use_dora`).
 
 A module's change is a matrix (out, in * kernel) built from its factors and scaled by alpha / rank:
 LoRA up @ down, LoHa (w1_a @ w1_b) * (w2_a @ w2_b), LoKr kron(w1, w2). `LoraPatch` adds the weighted
 changes of every LoRA to a weight in fp32 as it is loaded, so a merged model costs nothing per step.
+DoRA then scales each output row of W + w * change to its learnt magnitude, as peft merges it:
+W' = m * (W + w dW) / ||W + w dW||, the norm taken per output row (over inputs and kernel).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ PARTS: dict[str, tuple[str | None, str]] = {
     "lora_mid.weight": ("lora", "mid"),
     "lora_A.weight": ("lora", "down"),
     "lora_B.weight": ("lora", "up"),
+    "lora_magnitude_vector": ("lora", "magnitude"),  # PEFT's DoRA
     "lora.down.weight": ("lora", "down"),  # diffusers' own spelling, as its training scripts save
     "lora.up.weight": ("lora", "up"),
     "lora_linear_layer.down.weight": ("lora", "down"),
@@ -52,10 +55,10 @@ LEGACY_NAMES = (
     (re.compile(r"\.processor\.to_out_lora\.(down|up)\.weight$"), r".to_out.0.lora.\1.weight"),
     (re.compile(r"\.self_attn\.to_(q|k|v|out)_lora\.(down|up)\.weight$"), r".self_attn.\1_proj.lora.\2.weight"),
 )
-# Parts of forms whose merge we do not implement: refused by name rather than merged wrongly.
+# Parts of forms whose merge we do not implement: refused by name rather than merged wrongly. LyCORIS' DoRA
+# (`dora_scale`, its axis chosen by the trainer) has no reference here: diffusers drops those tensors.
 UNSUPPORTED = {
-    "dora_scale": "DoRA",
-    "lora_magnitude_vector": "DoRA",
+    "dora_scale": "LyCORIS DoRA (dora_scale)",
     "lokr_t1": "LoKr with a Tucker-decomposed first factor",
 }
 # The factors a complete module of each kind has: for each factor, one of its alternative tensor sets.
@@ -87,6 +90,11 @@ class LoraModule:
         return f["w2_b"].shape[0] if "w2_b" in f else f["w1_b"].shape[0] if "w1_b" in f else None
 
     @property
+    def magnitude(self) -> torch.Tensor | None:
+        """DoRA's magnitude per output row, or None for a plain LoRA."""
+        return self.factors.get("magnitude")
+
+    @property
     def scale(self) -> float:
         rank = self.rank
         return 1.0 if self.alpha is None or rank is None else self.alpha / rank
@@ -100,7 +108,10 @@ class LoraModule:
                 if math.prod(up[1:]) != mid[0] or mid[1] != down[0] or math.prod(down[2:]) != 1:
                     raise ValueError(f"{up} x {mid} x {down}")
                 return up[0], down[1] * math.prod(mid[2:])
-            return _product_shape(s["up"], s["down"])
+            shape = _product_shape(s["up"], s["down"])
+            if "magnitude" in s and math.prod(s["magnitude"]) != shape[0]:
+                raise ValueError(f"magnitude {s['magnitude']} for {shape[0]} outputs")
+            return shape
         if self.kind == "loha":
             first, second = _factor_shape(s, "1"), _factor_shape(s, "2")
             if first != second:
@@ -112,7 +123,7 @@ class LoraModule:
 
     def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The change to the weight, (out, in * kernel) in fp32, scaled by alpha / rank."""
-        f = {role: t.to(device, torch.float32) for role, t in self.factors.items()}
+        f = {role: t.to(device, torch.float32) for role, t in self.factors.items() if role != "magnitude"}
         if self.kind == "lora":
             if "mid" in f:  # Tucker LoCon: 1x1 down, kh x kw mid, 1x1 up composed into one kh x kw kernel
                 delta = torch.einsum("or,rshw,si->oihw", f["up"].flatten(1), f["mid"], f["down"].flatten(1))
@@ -169,8 +180,8 @@ class LoadedLora:
 def load_lora(path: str | Path) -> LoadedLora:
     """Read a LoRA / LyCORIS .safetensors file and group its tensors by module.
 
-    Pickles (.pt, .ckpt, .bin) are refused as for checkpoints. Forms we cannot merge (DoRA) and modules
-    missing a factor are errors that name the tensors.
+    Pickles (.pt, .ckpt, .bin) are refused as for checkpoints. Forms we cannot merge (LyCORIS DoRA) and
+    modules missing a factor are errors that name the tensors.
     """
     from safetensors import safe_open
 
@@ -184,7 +195,7 @@ def load_lora(path: str | Path) -> LoadedLora:
         kinds = sorted({UNSUPPORTED[p] for k in unsupported for p in UNSUPPORTED if p in k})
         raise LoraError(
             f"{path}: {' and '.join(kinds)} LoRAs are not supported yet ({_some(unsupported)}); "
-            "use a plain LoRA, LoCon, LoHa or LoKr file"
+            "use a plain LoRA, LoCon, LoHa, LoKr or diffusers/PEFT DoRA file"
         )
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     kinds: dict[str, set[str]] = {}
@@ -201,7 +212,8 @@ def load_lora(path: str | Path) -> LoadedLora:
         grouped.setdefault(module, {})[role] = tensor
         if kind:
             kinds.setdefault(module, set()).add(kind)
-    alphas = _peft_alphas(path, metadata)
+    config = _peft_config(path, metadata)
+    alphas = _peft_alphas(config)
     modules = {}
     for module, parts in grouped.items():
         kind = kinds.get(module, set())
@@ -211,6 +223,8 @@ def load_lora(path: str | Path) -> LoadedLora:
         (kind,) = kind
         alpha = parts.pop("alpha", None)
         modules[module] = _module(path, module, kind, parts, alpha, alphas)
+        if config.get(f"{module.partition('.')[0]}.use_dora") and "magnitude" not in parts:
+            raise LoraError(f"{path}: its metadata says DoRA (use_dora) but '{module}' has no lora_magnitude_vector")
     if not modules:
         raise LoraError(f"{path}: no LoRA tensors found (no '.lora_down.weight', '.lora_A.weight', 'hada_', 'lokr_')")
     return LoadedLora(path, modules, tuple(unknown))
@@ -229,17 +243,19 @@ def _module(path: Path, module: str, kind: str, parts: dict, alpha: torch.Tensor
     return lora
 
 
-def _peft_alphas(path: Path, metadata: Mapping[str, str]):
-    """A function (module, rank) -> alpha from PEFT's config stored by diffusers, or None where it gives none."""
+def _peft_config(path: Path, metadata: Mapping[str, str]) -> dict:
+    """PEFT's LoraConfig per network as diffusers stores it (`unet.lora_alpha`, ...); empty if the file has none."""
     try:
-        config = json.loads(metadata[ADAPTER_METADATA]) if ADAPTER_METADATA in metadata else {}
+        return json.loads(metadata[ADAPTER_METADATA]) if ADAPTER_METADATA in metadata else {}
     except json.JSONDecodeError:
         raise LoraError(f"{path}: unreadable '{ADAPTER_METADATA}' metadata") from None
 
+
+def _peft_alphas(config: Mapping):
+    """A function (module, rank) -> alpha from PEFT's config stored by diffusers, or None where it gives none."""
+
     def alpha(module: str, rank: int) -> float | None:
         network, _, name = module.partition(".")
-        if f"{network}.use_dora" in config and config[f"{network}.use_dora"]:
-            raise LoraError(f"{path}: DoRA LoRAs are not supported yet (use_dora in its metadata)")
         value = config.get(f"{network}.lora_alpha")
         # PEFT's alpha_pattern: a regex matching the module's name or its end after a dot.
         for pattern, pattern_alpha in (config.get(f"{network}.alpha_pattern") or {}).items():
@@ -263,11 +279,13 @@ class LoraPatch:
     """The loading hook for a set of LoRAs: a touched weight becomes W + sum of weighted changes.
 
     Call it with (checkpoint key, tensor): the sum is computed in fp32 and cast back to the tensor's
-    dtype; a key no LoRA touches returns the same tensor object. `keys` are the keys it changes, so a
-    prompt file that switches LoRA sets reloads only `old.keys | new.keys`.
+    dtype; a key no LoRA touches returns the same tensor object. Each term is (module, weight, rows):
+    `rows` (i, n) adds the change to the i-th of n blocks of rows only (q, k or v of a fused projection).
+    Terms apply in order; a DoRA term rescales the rows it changes as merged so far.
+    `keys` are the keys it changes, so a prompt file that switches LoRA sets reloads only `old.keys | new.keys`.
     """
 
-    def __init__(self, terms: Mapping[str, Sequence[tuple[LoraModule, float]]]):
+    def __init__(self, terms: Mapping[str, Sequence[tuple[LoraModule, float, tuple[int, int] | None]]]):
         self.terms = {key: tuple(t) for key, t in terms.items() if t}
 
     @property
@@ -281,8 +299,12 @@ class LoraPatch:
         # A contiguous fp32 copy: the file's tensor is never written to, whatever its dtype or layout.
         merged = tensor.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         flat = merged.view(merged.shape[0], -1)
-        for module, weight in terms:
-            flat.add_(module.delta(merged.device), alpha=weight)
+        for module, weight, rows in terms:
+            block = flat if rows is None else flat.chunk(rows[1])[rows[0]]
+            block.add_(module.delta(merged.device), alpha=weight)
+            if module.magnitude is not None:  # DoRA: each output row scaled to its learnt magnitude
+                magnitude = module.magnitude.to(merged.device, torch.float32).reshape(-1, 1)
+                block.mul_(magnitude / block.norm(dim=1, keepdim=True))
         return merged.to(tensor.dtype)
 
 
@@ -295,12 +317,13 @@ def lora_patch(
 ) -> LoraPatch:
     """The patch hook merging `loras`, each given as (lora, text-encoder weight, UNet weight), into a checkpoint.
 
-    `shapes` maps the checkpoint's keys to shapes (its safetensors header). Raises LoraError, naming the
-    file, for modules that match no weight of the model (unless `ignore_unknown`) and for changes whose
-    shape differs from the weight's (a LoRA for another model family).
+    The text-encoder weight applies to every text encoder. `shapes` maps the checkpoint's keys to shapes
+    (its safetensors header). Raises LoraError, naming the file, for modules that match no weight of the
+    model (unless `ignore_unknown`) and for changes whose shape differs from the weight's (a LoRA for
+    another model family).
     """
-    aliases = lora_aliases(lora_targets(family), (k for k in shapes if k.endswith(".weight")))
-    terms: dict[str, list[tuple[LoraModule, float]]] = {}
+    aliases = lora_aliases(lora_targets(family), shapes)
+    terms: dict[str, list[tuple[LoraModule, float, tuple[int, int] | None]]] = {}
     for lora, weight_te, weight_unet in loras:
         unknown = list(lora.unknown) + [m for m in lora.modules if m not in aliases]
         if unknown and not ignore_unknown:
@@ -312,16 +335,19 @@ def lora_patch(
         for name, module in lora.modules.items():
             if name not in aliases:
                 continue
-            target, key = aliases[name]
+            target, key, rows = aliases[name]
             shape = shapes[key]
-            if module.delta_shape() != (shape[0], math.prod(shape[1:])):
+            height = shape[0] // (rows[1] if rows else 1)
+            if module.delta_shape() != (height, math.prod(shape[1:])):
+                start = rows[0] * height if rows else 0
+                part = f" (its rows {start}:{start + height})" if rows else ""
                 raise LoraError(
                     f"{lora.path}: module '{name}' changes a {module.delta_shape()} matrix but '{key}' is "
-                    f"{tuple(shape)}: this LoRA is for another model (e.g. SDXL); use one made for {family.name}"
+                    f"{tuple(shape)}{part}: this LoRA is for another model; use one made for {family.name}"
                 )
             weight = weight_unet if target.network == "unet" else weight_te
             if weight:
-                terms.setdefault(key, []).append((module, weight))
+                terms.setdefault(key, []).append((module, weight, rows))
     return LoraPatch(terms)
 
 

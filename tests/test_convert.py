@@ -87,7 +87,7 @@ def test_lora_aliases_give_every_full_size_module_distinct_kohya_and_diffusers_n
     aliases = lora_aliases(lora_targets(SD1), weights)
     # Each weight has its own spellings: kohya in both layouts and the dotted diffusers name(s).
     by_key: dict[str, set] = {}
-    for alias, (_, key) in aliases.items():
+    for alias, (_, key, _) in aliases.items():
         by_key.setdefault(key, set()).add(alias)
     assert set(by_key) == set(weights)
     unet_spellings = {len(v) for k, v in by_key.items() if k.startswith(UNET_PREFIX)}

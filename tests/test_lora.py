@@ -7,7 +7,6 @@ diffusers differs by design (a kohya file's per-module alphas, LyCORIS), the exp
 the written formula or from peft's LoHa/LoKr layers.
 """
 
-import json
 import re
 from pathlib import Path
 
@@ -403,17 +402,6 @@ def test_a_lora_for_another_family_is_a_one_line_error_naming_the_file(tiny_chec
 def test_forms_we_cannot_merge_are_refused_by_name(tmp_path, tensors, message):
     with pytest.raises(LoraError, match=message):
         load_lora(write_tensors(tmp_path / "x.safetensors", tensors))
-
-
-def test_peft_dora_metadata_is_refused(tmp_path):
-    path = tmp_path / "dora.safetensors"
-    save_file(
-        {"unet.conv_in.lora_A.weight": torch.ones(2, 4, 3, 3), "unet.conv_in.lora_B.weight": torch.ones(32, 2, 1, 1)},
-        str(path),
-        metadata={"lora_adapter_metadata": json.dumps({"unet.use_dora": True, "unet.lora_alpha": 2})},
-    )
-    with pytest.raises(LoraError, match="DoRA"):
-        load_lora(path)
 
 
 def legacy_attention_processor_names(sd):
