@@ -89,6 +89,11 @@ def math_fp32_softmax(q, k, v):
     return torch.matmul(scores.float().softmax(-1).to(q.dtype), v)
 
 
+def math_fp32(q, k, v):
+    """The unfused pattern on fp32 copies, output cast back to bf16."""
+    return math_bf16(q.float(), k.float(), v.float()).to(q.dtype)
+
+
 def compiled(fn: Attention) -> Attention:
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
@@ -116,6 +121,7 @@ VARIANTS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Attenti
     "chunked": lambda q, k, v: chunked,
     "onednn_graph": onednn_graph,
     "onednn_graph_fp32_softmax": lambda q, k, v: onednn_graph(q, k, v, math_fp32_softmax),
+    "onednn_graph_fp32": lambda q, k, v: onednn_graph(q, k, v, math_fp32),
 }
 
 
