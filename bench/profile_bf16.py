@@ -5,7 +5,8 @@ step as the pipeline does (CFG batch 2: x (2, 4, H/8, W/8), context (2, 77, 768)
 warms up once, then:
 
 - times a few steps (median);
-- profiles one step with torch.profiler (CPU) and groups self CPU time by op class;
+- profiles one step with torch.profiler (CPU) and groups self CPU time by op class, and lists the top
+  (op, input shapes) pairs (e.g. each attention level's calls);
 - counts one step's FLOPs per op class with torch.utils.flop_counter.FlopCounterMode;
 - measures the machine's matmul rate in the same dtype (4096x4096, median of a few) and its memory
   bandwidth (a 256 MB copy), so each class's floor is its FLOPs over the matmul rate or, for the
@@ -15,6 +16,9 @@ warms up once, then:
     .venv/bin/python bench/profile_bf16.py                          # bf16 at 512x512, channels_last
     .venv/bin/python bench/profile_bf16.py --dtype fp32 --size 256  # the fp32 comparison
     .venv/bin/python bench/profile_bf16.py --layouts cl,nchw        # also the contiguous layout
+
+Its pieces alone, variants interleaved: bench/attention_bf16.py (attention kernels) and
+bench/elementwise_bf16.py (GEGLU, the biased linear, GroupNorm+SiLU).
 """
 
 from __future__ import annotations
@@ -90,22 +94,29 @@ def memory_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     return 2 * src.numel() / median(times) / 1e9
 
 
-def profile_step(step, itemsize: int) -> tuple[dict[str, float], dict[str, float], list[tuple[str, float]]]:
-    """Self CPU seconds and estimated bytes per class for one step, and the top ops by self time."""
+def profile_step(
+    step, itemsize: int, top_n: int = 12
+) -> tuple[dict[str, float], dict[str, float], list[tuple[str, float]], list[tuple[str, float]]]:
+    """Self CPU seconds and estimated bytes per class for one step, the top ops by self time, and the top
+    (op, input shapes) pairs with their call counts."""
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
     seconds: dict[str, float] = defaultdict(float)
     nbytes: dict[str, float] = defaultdict(float)
     by_op: dict[str, float] = defaultdict(float)
+    by_shape: dict[str, float] = {}
     for event in prof.key_averages(group_by_input_shape=True):
+        shapes = [s for s in event.input_shapes if s]
+        by_shape[f"{event.key} x{event.count} {shapes}"] = event.self_cpu_time_total / 1e6
         cls = op_class(event.key)
         seconds[cls] += event.self_cpu_time_total / 1e6
         by_op[event.key] += event.self_cpu_time_total / 1e6
         sizes = [math.prod(s) for s in event.input_shapes if isinstance(s, list) and s]
         if sizes:  # inputs read once and an output as large as the largest input written once
             nbytes[cls] += event.count * itemsize * (sum(sizes) + max(sizes))
-    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:12]
-    return dict(seconds), dict(nbytes), top
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:top_n]
+    top_shapes = sorted(by_shape.items(), key=lambda kv: -kv[1])[:top_n]
+    return dict(seconds), dict(nbytes), top, top_shapes
 
 
 def cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
@@ -143,7 +154,7 @@ def measure(model, dtype: torch.dtype, size: int, layout: str, repeats: int, rat
         step()
         times.append(time.perf_counter() - start)
     step_s = median(times)
-    seconds, nbytes, top = profile_step(step, x.element_size())
+    seconds, nbytes, top, top_shapes = profile_step(step, x.element_size())
     flops = count_flops(step)
     total_flops = sum(flops.values())
     profiled = sum(seconds.values())
@@ -175,6 +186,9 @@ def measure(model, dtype: torch.dtype, size: int, layout: str, repeats: int, rat
         print(f"| {cls} | {s:.3f} | {s / profiled:.1%} | " + " | ".join(cells) + f" | {floor_cell} | {ratio} |")
     print(f"| total | {profiled:.3f} | 100% | {total_flops / 1e9:.0f} | | | | | | |")
     print("top ops by self CPU time: " + "; ".join(f"{name} {s:.3f} s" for name, s in top))
+    print("top (op, calls, input shapes) by self CPU time:")
+    for key, s in top_shapes:
+        print(f"  {s:.3f} s  {key}")
 
 
 def main() -> None:
