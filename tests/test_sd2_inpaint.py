@@ -15,7 +15,8 @@ import torch
 from conftest import run_cli
 from PIL import Image
 from reference import assert_same_image
-from test_img2img import patch_vae_sampling, sdcli_latent_noises
+from test_img2img import patch_vae_sampling
+from test_inpaint import inpainting_vae_noises
 from test_sd2 import TINY_SD2, reference_scheduler, reference_sd2_pipeline, write_sd2
 
 PROMPT, NEGATIVE, SEED, STEPS, CFG, SIZE = "a red door", "ugly", 5, 6, 7.0, 64
@@ -30,13 +31,6 @@ def write_inputs(folder: Path) -> tuple[Path, Path]:
     mask[16:40, 20:52] = 255
     Image.fromarray(mask).save(folder / "mask.png")
     return folder / "init.png", folder / "mask.png"
-
-
-def inpainting_vae_noises(seed: int, strength: float) -> list[torch.Tensor]:
-    """The noise of each VAE sample diffusers' pipeline takes for a 9-channel UNet, in its order: the init
-    image is encoded only below strength 1 (it starts from it), the masked image always."""
-    _, image_noise, masked_noise = sdcli_latent_noises(seed, 3)
-    return [image_noise, masked_noise] if strength < 1 else [masked_noise]
 
 
 def inpaint_cli(checkpoint: str, init: Path, mask: Path, out: Path, sampler: str, strength: float, *extra) -> None:

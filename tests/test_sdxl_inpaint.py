@@ -14,7 +14,8 @@ import torch
 from conftest import run_cli, tiny_state_dict
 from PIL import Image
 from test_img2img import patch_vae_sampling
-from test_sd2_inpaint import assert_repainted_area_matches, inpaint_cli, inpainting_vae_noises, write_inputs
+from test_inpaint import inpainting_vae_noises
+from test_sd2_inpaint import assert_repainted_area_matches, inpaint_cli, write_inputs
 from test_sdxl import TINY_SDXL, reference_scheduler, reference_sdxl_pipeline, write_sdxl
 
 from sdcli.families import SDXL_BIGG, SDXL_INPAINT, detect
