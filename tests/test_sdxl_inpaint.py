@@ -15,12 +15,16 @@ from conftest import run_cli, tiny_state_dict
 from PIL import Image
 from test_img2img import patch_vae_sampling
 from test_inpaint import inpainting_vae_noises
+from test_layout_sd2_sdxl import SDXL_YAML, meta_state_dict, numel, reference_unet_from_yaml
 from test_sd2_inpaint import assert_repainted_area_matches, inpaint_cli, write_inputs
 from test_sdxl import TINY_SDXL, reference_scheduler, reference_sdxl_pipeline, write_sdxl
 
-from sdcli.families import SDXL_BIGG, SDXL_INPAINT, detect
+from sdcli.families import SDXL_BIGG, SDXL_INPAINT, UNET_PREFIX, VAE_PREFIX, detect
 from sdcli.header import read_header
 from sdcli.models.sdxl_size import SIZE_EMBEDDING_DIM
+from sdcli.models.unet import UNetModel
+from sdcli.models.vae import AutoencoderKL
+from sdcli.text_encoders import build_text_encoder
 
 PROMPT, NEGATIVE, SEED, STEPS, CFG, SIZE = "a red door", "ugly", 5, 6, 7.0, 64
 TINY_SDXL_INPAINT = replace(TINY_SDXL, name="sdxl-inpaint", unet=replace(TINY_SDXL.unet, in_channels=9))
@@ -39,6 +43,20 @@ def test_sdxl_inpainting_checkpoint_is_detected_with_the_sdxl_defaults(sdxl_inpa
     assert [s.config for s in family.text_encoders] == [s.config for s in TINY_SDXL.text_encoders]
     assert (family.scale_factor, family.default_size, family.zero_missing_negative) == (0.13025, 1024, True)
     assert SDXL_INPAINT.unet.adm_in_channels == 2816 and SDXL_INPAINT.unet.in_channels == 9
+
+
+def test_full_size_sdxl_inpainting_layout_is_what_diffusers_expects_and_is_detected():
+    from diffusers.loaders import single_file_utils as sfu
+
+    unet = meta_state_dict(UNetModel, SDXL_INPAINT.unet, UNET_PREFIX)
+    ref = reference_unet_from_yaml({**SDXL_YAML, "in_channels": 9}, unet)  # sd_xl_base's yaml, 9 channels in
+    assert ref.config.in_channels == 9 and numel(unet.values()) == numel(ref.parameters())
+    checkpoint = unet | meta_state_dict(AutoencoderKL, SDXL_INPAINT.vae, VAE_PREFIX)
+    for spec in SDXL_INPAINT.text_encoders:
+        with torch.device("meta"):
+            checkpoint |= {spec.prefix + k: v for k, v in build_text_encoder(spec).state_dict().items()}
+    assert sfu.infer_diffusers_model_type(checkpoint) == "xl_inpaint"
+    assert detect({k: tuple(v.shape) for k, v in checkpoint.items()}) == SDXL_INPAINT
 
 
 # (sampler, strength, our options, diffusers' arguments): no negative prompt (zero embeddings) from pure noise;
