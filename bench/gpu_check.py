@@ -1,7 +1,9 @@
 """GPU check (run by bench/gpu.sh): fp16-on-GPU accuracy against fp32 on the CPU, then it/s against diffusers.
 
 1. Accuracy, same random weights: one UNet call (CFG batch 2, 512x512 latents) and a whole txt2img run
-   (sdcli, DPM++ 2M Karras), fp16 on the GPU against fp32 on the CPU; relative errors.
+   (sdcli, DPM++ 2M Karras), fp16 on the GPU against fp32 on the CPU; relative errors. Then sdcli's attention
+   in fp16 on SD 2.x-sized products (q.k^T past fp16's 65504 before the scale, why diffusers upcasts SD 2.1's
+   attention) with each SDPA kernel, against float64 on the same fp16 values: it must stay finite and close.
 2. Speed, fp16, 512x512, 20 steps, batch 1, CFG 7.5: sampling it/s of sdcli and diffusers (same
    sampler and card, alternating), eager and with torch.compile of the UNet. The step rate is timed
    with CUDA events recorded at each step's callback (no host synchronisation inside the loop), from the
@@ -58,6 +60,7 @@ def main() -> None:
 
     results: dict = {"card": card, "torch": torch.__version__}
     results["accuracy"] = accuracy(checkpoint, args)
+    results["attention_fp16"] = attention_fp16(args.device)
     print(f"accuracy done after {time.perf_counter() - started:.0f} s", flush=True)
     results["speed"] = speed(checkpoint, config, args)
     print_table(results, args)
@@ -102,6 +105,37 @@ def accuracy(checkpoint: Path, args: argparse.Namespace) -> dict:
         "txt2img": relative_errors(tested[1], reference[1]),
         "txt2img_mean_abs_pixels_0_255": ((tested[1] - reference[1]).abs().mean() * 127.5).item(),
     }
+
+
+@torch.inference_mode()
+def attention_fp16(device: str) -> dict:
+    """sdcli's attention in fp16 with products that overflow a naive fp16 q.k^T, per SDPA kernel: whether the
+    output is finite, and its max and mean absolute error against float64 on the same fp16 inputs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sdcli.models.layers import attention
+
+    g = torch.Generator().manual_seed(0)
+    shape, heads = (1, 4096, 320), 5  # SD 2.x's first level at 512x512: 64-wide heads over 64x64 tokens
+    q, k = ((torch.randn(shape, generator=g) * 100).half() for _ in range(2))
+    v = torch.randn(shape, generator=g).half()
+    qd, kd, vd = (t.double().reshape(1, -1, heads, 64).transpose(1, 2) for t in (q, k, v))
+    weights = torch.softmax(qd @ kd.transpose(-1, -2) / 8, dim=-1)
+    reference = (weights @ vd).transpose(1, 2).reshape(shape)
+    results = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                    SDPBackend.MATH):  # fmt: skip
+        try:
+            with sdpa_kernel(backend):
+                out = attention(q.to(device), k.to(device), v.to(device), heads).double().cpu()
+        except RuntimeError as e:  # a kernel this device or build does not have
+            results[backend.name] = {"error": str(e).splitlines()[0][:60]}
+            continue
+        error = (out - reference).abs()
+        results[backend.name] = {
+            "finite": bool(out.isfinite().all()), "max_abs": error.max().item(), "mean_abs": error.mean().item()
+        }  # fmt: skip
+    return results
 
 
 def synchronize(device: str) -> None:
@@ -261,6 +295,13 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
         f"{acc['txt2img_mean_abs_pixels_0_255']:.2f}/255) | {acc['txt2img']['max_rel']:.2e} | "
         f"{acc['txt2img']['mean_rel']:.2e} |"
     )
+    print("\n| fp16 attention, q.k^T past 65504 before the scale | finite | max abs | mean abs |")
+    print("|---|---|---:|---:|")
+    for backend, row in results["attention_fp16"].items():
+        if "error" in row:
+            print(f"| {backend} | unavailable: {row['error']} | | |")
+        else:
+            print(f"| {backend} | {row['finite']} | {row['max_abs']:.2e} | {row['mean_abs']:.2e} |")
     setting = f"{args.size}x{args.size}, {args.steps} steps, batch 1, CFG, {args.dtype}"
     print(f"\n| {setting} | sdcli it/s | diffusers it/s | ratio | sdcli s/image | diffusers s/image |")
     print("|---|---:|---:|---:|---:|---:|")

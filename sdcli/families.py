@@ -106,7 +106,9 @@ SDXL = Family(
     "sdxl", SDXL_UNET, VAEConfig(), (SDXL_CLIP_L, SDXL_BIGG), scale_factor=0.13025, default_size=1024,
     zero_missing_negative=True, vae_fp16_overflows=True,
 )  # fmt: skip
-FAMILIES = {f.name: f for f in (SD1, SD1_INPAINT, SD2, SD2_V, SD2_INPAINT, SDXL)}
+# SDXL inpainting (e.g. sd_xl_base_1.0_inpainting_0.1): the base model's networks with a 9-channel UNet.
+SDXL_INPAINT = replace(SDXL, name="sdxl-inpaint", unet=replace(SDXL_UNET, in_channels=9))
+FAMILIES = {f.name: f for f in (SD1, SD1_INPAINT, SD2, SD2_V, SD2_INPAINT, SDXL, SDXL_INPAINT)}
 
 
 @dataclass(frozen=True)
@@ -164,11 +166,20 @@ FAMILY_TABLE: dict[Signature, Family] = {
     Signature((OPENCLIP_PREFIX,), 4): SD2,
     Signature((OPENCLIP_PREFIX,), 9): SD2_INPAINT,
     Signature((SDXL_CLIP_L_PREFIX, SDXL_BIGG_PREFIX), 4, label_emb=True): SDXL,
+    Signature((SDXL_CLIP_L_PREFIX, SDXL_BIGG_PREFIX), 9, label_emb=True): SDXL_INPAINT,
 }
 # Layouts recognised but not loadable: (text encoder prefixes, what to call them and what to do).
 NOT_YET_SUPPORTED = (
-    (("conditioner.embedders.0.model.",), "an SDXL refiner checkpoint: not supported; use an SDXL base model"),
-    ((SDXL_CLIP_L_PREFIX, SDXL_BIGG_PREFIX), "an SDXL checkpoint of a kind sdcli does not load (e.g. inpainting)"),
+    (
+        ("conditioner.embedders.0.model.",),
+        "an SDXL refiner checkpoint: not supported (sdcli does not load refiners, which have only the OpenCLIP "
+        "bigG text encoder and condition on an aesthetic score); use an SDXL base model or a fine-tune of it",
+    ),
+    (
+        (SDXL_CLIP_L_PREFIX, SDXL_BIGG_PREFIX),
+        "an SDXL checkpoint of a kind sdcli does not load: it loads SDXL base models, their fine-tunes and "
+        "9-channel inpainting models",
+    ),
 )
 # Where text encoders sit in the known layouts, and the key that marks each kind of tower.
 TEXT_ENCODER_PREFIXES = (

@@ -60,7 +60,8 @@ def sd2_files(tmp_path_factory):
     return {"eps": eps, "v": v}
 
 
-def reference_sd2_pipeline(checkpoint: str, family, scheduler):
+def reference_sd2_pipeline(checkpoint: str, family, scheduler, pipeline_class=None):
+    """diffusers' SD pipeline (`pipeline_class`: txt2img by default) on a tiny SD 2.x checkpoint's weights."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
@@ -76,7 +77,7 @@ def reference_sd2_pipeline(checkpoint: str, family, scheduler):
     text_encoder.config.num_hidden_layers -= 1
     tokenizer = reference_tokenizer()
     tokenizer.pad_token = "!"  # open_clip pads with id 0, as SD 2.x's diffusers tokenizer does
-    pipe = StableDiffusionPipeline(
+    pipe = (pipeline_class or StableDiffusionPipeline)(
         vae=reference_vae(part(VAE_PREFIX), family.unet, family.vae), text_encoder=text_encoder,
         tokenizer=tokenizer, unet=reference_unet(part(UNET_PREFIX), family.unet, family.vae), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -57,15 +57,19 @@ TINY_SDXL = replace(
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def sdxl_file(tmp_path_factory) -> str:
+def write_sdxl(path: Path, family=TINY_SDXL, seed: int = 3) -> str:
+    """A tiny SDXL-shaped checkpoint with the scalar real files carry (bigG's `logit_scale`)."""
     from safetensors.torch import save_file
 
-    path = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl.safetensors"
-    sd = tiny_state_dict(TINY_SDXL, seed=3)
-    sd[SDXL_BIGG_PREFIX + "logit_scale"] = torch.tensor(4.6)  # a scalar real files carry
+    sd = tiny_state_dict(family, seed)
+    sd[SDXL_BIGG_PREFIX + "logit_scale"] = torch.tensor(4.6)
     save_file(sd, str(path))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def sdxl_file(tmp_path_factory) -> str:
+    return write_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl.safetensors")
 
 
 def reference_unet_text_time(state_dict: dict, unet: UNetConfig):
@@ -86,7 +90,9 @@ def reference_unet_text_time(state_dict: dict, unet: UNetConfig):
     return model.eval()
 
 
-def reference_sdxl_pipeline(checkpoint: str, scheduler):
+def reference_sdxl_pipeline(checkpoint: str, scheduler, pipeline_class=None, family=TINY_SDXL):
+    """diffusers' SDXL pipeline (`pipeline_class`: txt2img by default, img2img or inpaint; base-model settings:
+    no aesthetic score, zeros for a missing negative prompt) on a tiny `family` checkpoint's weights."""
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
@@ -95,16 +101,16 @@ def reference_sdxl_pipeline(checkpoint: str, scheduler):
     def part(prefix: str) -> dict:
         return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
-    clip_l, bigg = TINY_SDXL.text_encoders
-    vae = reference_vae(part(VAE_PREFIX), TINY_SDXL.unet, TINY_SDXL.vae)
-    vae.register_to_config(scaling_factor=TINY_SDXL.scale_factor)
+    clip_l, bigg = family.text_encoders
+    vae = reference_vae(part(VAE_PREFIX), family.unet, family.vae)
+    vae.register_to_config(scaling_factor=family.scale_factor)
     tokenizer_2 = reference_tokenizer()
     tokenizer_2.pad_token = "!"  # OpenCLIP's tokenizer pads with id 0
-    pipe = StableDiffusionXLPipeline(
+    pipe = (pipeline_class or StableDiffusionXLPipeline)(
         vae=vae, text_encoder=reference_clip_sdxl(part(SDXL_CLIP_L_PREFIX), clip_l.config),
         text_encoder_2=reference_open_clip(part(SDXL_BIGG_PREFIX), bigg.config, SDXL_BIGG_PREFIX)[0],
         tokenizer=reference_tokenizer(), tokenizer_2=tokenizer_2,
-        unet=reference_unet_text_time(part(UNET_PREFIX), TINY_SDXL.unet), scheduler=scheduler,
+        unet=reference_unet_text_time(part(UNET_PREFIX), family.unet), scheduler=scheduler,
         force_zeros_for_empty_prompt=True, add_watermarker=False,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)

@@ -30,11 +30,26 @@ def group_norm(channels: int, groups: int = 32, eps: float = 1e-5) -> GroupNorm3
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
-    """Multi-head attention over (B, N, C) projections with scaled_dot_product_attention."""
+    """Multi-head attention over (B, N, C) projections with scaled_dot_product_attention.
+
+    No upcast in half precision, where diffusers upcasts SD 2.1's attention (`upcast_attention`): that guards
+    the naive q.k^T, which can pass fp16's 65504 before the scale brings it down. PyTorch's CPU and CUDA kernels
+    accumulate the product in fp32 and scale it there (the CUDA math fallback upcasts half input, or scales
+    q and k first), so its size never meets fp16's range. MPS's MPSGraph fallback multiplies in fp16 before
+    scaling: there q is scaled first (`_scale_q_first`), exactly for 64-wide heads (1/8).
+    """
     b, n, c = q.shape
     q, k, v = (t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    scale = None
+    if _scale_q_first(q):
+        q, scale = q * q.shape[-1] ** -0.5, 1.0
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     return out.transpose(1, 2).reshape(b, n, c)  # (B, N, C)
+
+
+def _scale_q_first(q: torch.Tensor) -> bool:
+    """True where SDPA may form the unscaled q.k^T in fp16: half precision on MPS."""
+    return q.dtype == torch.float16 and q.device.type == "mps"
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
