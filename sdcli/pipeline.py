@@ -24,7 +24,7 @@ from sdcli.image_noise import BatchNoise
 from sdcli.images import from_pil, save_png, to_pil
 from sdcli.models.sdxl_size import sdxl_y
 from sdcli.preview import SD_LATENT_RGB, SDXL_LATENT_RGB, approximate_rgb
-from sdcli.prompt_encoding import ScheduledConditioning, encode_schedule, sampler_step
+from sdcli.prompt_encoding import ScheduledConditioning, encode_schedule
 from sdcli.request import DEFAULTS, GenerationRequest
 from sdcli.sampler_names import SamplerSpec
 from sdcli.samplers import IncrementNoise
@@ -49,16 +49,17 @@ def encode_negatives(
     requests: list[GenerationRequest],
     cond: ScheduledConditioning,
     embeddings: dict | None = None,
+    steps: int | None = None,
 ) -> ScheduledConditioning:
-    """The unconditional branch's conditioning: each request's negative prompt encoded; where none was given
-    (None), "" encoded, or zeros (shaped as the prompts' `cond`) for families that zero a missing negative
-    prompt (SDXL)."""
+    """The unconditional branch's conditioning over `steps` (default: the requests' steps): each request's
+    negative prompt encoded; where none was given (None), "" encoded, or zeros (shaped as the prompts' `cond`)
+    for families that zero a missing negative prompt (SDXL)."""
     first = requests[0]
     missing = [r.negative is None for r in requests]
     if model.family.zero_missing_negative and all(missing):
         return ScheduledConditioning(tuple(c.map(torch.zeros_like) for c in cond.batches), cond.step_batch)
     negatives = [r.negative or "" for r in requests]
-    encoded = encode_schedule(model, negatives, first.steps, first.clip_skip, embeddings)
+    encoded = encode_schedule(model, negatives, steps or first.steps, first.clip_skip, embeddings)
     if not model.family.zero_missing_negative or not any(missing):
         return encoded
     kept = torch.tensor([not m for m in missing], dtype=torch.float32, device=model.device)
@@ -159,13 +160,16 @@ def sample(
         inputs = (text.context,) if text.pooled is None else (text.context, text.pooled)
         return forward(x.to(dtype), t, *inputs).float()
 
-    # Prompt editing: the conditioning of the sampler step in progress (see sdcli.prompt_encoding).
+    # Prompt editing: the conditioning of the model call in progress, counted from 0 as A1111's CFGDenoiser
+    # counts them (see `schedule_steps`).
     conds = [c if isinstance(c, ScheduledConditioning) else ScheduledConditioning((c,), (0,)) for c in (cond, uncond)]
     guided: dict[tuple[int, int], Callable] = {}
-    step = 0
+    calls = 0
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        key = (conds[0].index_at(step), 0 if uncond is None else conds[1].index_at(step))
+        nonlocal calls
+        key = (conds[0].index_at(calls), 0 if uncond is None else conds[1].index_at(calls))
+        calls += 1
         if key not in guided:
             negative = None if uncond is None else conds[1].batches[key[1]]
             guided[key] = guided_unet(unet, conds[0].batches[key[0]], negative, cfg)
@@ -188,18 +192,13 @@ def sample(
     x = init + noise * sigmas[0] if from_image else noise * initial_noise_scale(spec.schedule, sigmas[0])
     sigma_start = sigmas[0].item()
 
-    def stepped(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        nonlocal step
-        step = sampler_step(sigmas, sigma.reshape(-1)[0].item())
-        return denoiser(x, sigma)
-
-    denoise = stepped
+    denoise = denoiser
     if keep is not None:
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             if sigma[0].item() >= sigma_start:  # the start is left as it is (pure noise at strength 1, as diffusers)
-                return stepped(x, sigma)
-            return stepped(kept(x, init + noise * sigma.view(-1, 1, 1, 1)), sigma)
+                return denoiser(x, sigma)
+            return denoiser(kept(x, init + noise * sigma.view(-1, 1, 1, 1)), sigma)
 
     # Each image's ancestral/SDE noise continues its own stream, after its initial noise.
     noise_sampler = IncrementNoise(lambda: streams.next(noise.shape[1:], noise.device))
@@ -208,6 +207,13 @@ def sample(
     # there, as diffusers and LDM decode them (for every other sampler this divides by 1).
     x = x / (1 + sigmas[-1] ** 2) ** 0.5
     return x if keep is None else kept(x, init)
+
+
+def schedule_steps(spec: SamplerSpec, steps: int) -> int:
+    """The steps prompt editing is resolved over: A1111 counts model calls, and for the samplers that call the
+    model twice a step (Heun, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE: its "second order" ones) schedules over twice
+    the steps. So `[a:b:0.5]` switches halfway through the calls, and `[a:b:10]` at the 10th call: step 5."""
+    return steps * spec.calls_per_step
 
 
 def prepare_image_start(
@@ -267,8 +273,9 @@ def generate(
     texts = [text for r in requests for text in (r.prompt, r.negative or "")]
     found = {} if embeddings is None else embeddings.used_in(texts, model.family)
     vectors = {name: embedding.vectors for name, embedding in found.items()}
-    cond = encode_schedule(model, [r.prompt for r in requests], first.steps, first.clip_skip, vectors)
-    uncond = None if first.cfg <= 1.0 else encode_negatives(model, requests, cond, vectors)
+    steps = schedule_steps(spec, first.steps)
+    cond = encode_schedule(model, [r.prompt for r in requests], steps, first.clip_skip, vectors)
+    uncond = None if first.cfg <= 1.0 else encode_negatives(model, requests, cond, vectors, steps)
     if model.family.unet.adm_in_channels:
         cond, uncond = (None if c is None else add_size_conditioning(c, requests) for c in (cond, uncond))
     f = model.vae.downscale
