@@ -20,7 +20,7 @@ from conftest import TINY_SD1, run_cli
 from kdiffusion_ref import eps_denoiser
 from kdiffusion_ref import load as load_kdiffusion
 from PIL import Image
-from reference import reference_models_from_file, reference_tokenizer
+from reference import reference_models_from_file, reference_pipeline, reference_tokenizer
 
 from sdcli.image_noise import BatchNoise, ImageNoise
 
@@ -151,3 +151,38 @@ def test_rng_cuda_images_are_the_same_alone_or_in_a_batch(tiny_checkpoint, tmp_p
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(second)), np.asarray(Image.open(alone)))
+
+
+def test_img2img_under_rng_cuda_encodes_with_the_streams_other_part(tiny_checkpoint, tmp_path, monkeypatch):
+    # diffusers' img2img pipeline (DDIM: no sampler noise) given the initial noise of NV call 0 and, for the
+    # VAE's latent sample, the draw at counter high word 1.
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
+
+    init = tmp_path / "init.png"
+    ramp = np.linspace(0, 255, SIZE)
+    Image.fromarray(
+        np.stack(
+            [ramp[None].repeat(SIZE, 0), ramp[:, None].repeat(SIZE, 1), 255 - ramp[None].repeat(SIZE, 0)], -1
+        ).astype(np.uint8)
+    ).save(init)
+    out = tmp_path / "out.png"
+    result = run_cli(
+        "img2img", PROMPT, "--init", init, "-m", tiny_checkpoint, "--steps", STEPS, "--cfg", CFG, "--seed", SEED,
+        "--sampler", "ddim", "--strength", 0.6, "--rng", "cuda", "--dtype", "fp32", "-o", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+    shape = (1, 4, SIZE // 8, SIZE // 8)
+    monkeypatch.setattr(module, "randn_tensor", lambda *args, **kwargs: nv_noise(SEED, 0, shape))
+    monkeypatch.setattr(
+        module, "retrieve_latents",
+        lambda output, generator=None, sample_mode="sample": output.latent_dist.mean
+        + output.latent_dist.std * nv_noise(SEED, 0, shape, high_word=1),
+    )  # fmt: skip
+    pipe = reference_pipeline(StableDiffusionImg2ImgPipeline, tiny_checkpoint, TINY_SD1)
+    expected = pipe(
+        PROMPT, image=Image.open(init), strength=0.6, num_inference_steps=STEPS, guidance_scale=CFG, output_type="np"
+    ).images[0]
+    ours = np.asarray(Image.open(out).convert("RGB"), dtype=np.float64) / 255
+    assert np.abs(ours - expected).mean() < 1 / 255
