@@ -144,9 +144,9 @@ def sample(
 
     Without an init image, or at strength 1, sampling starts from pure noise; otherwise from the init
     latents noised to the first remaining level (diffusers' and A1111's img2img: strength 0.75 of 20 steps
-    runs the last 15). `noise` is the initial noise; the sampler's own noise calls draw from `streams`.
-    With a keep mask, every denoiser call after the first sees the kept area replaced by
-    the original noised to that call's level, and the result keeps the original latents there.
+    runs the last 15). `noise` is the initial noise; the sampler's own noise calls draw from `streams`. With a
+    keep mask, every denoiser call after the first sees the kept area replaced by the original noised to that
+    call's level, and the result keeps the original latents there.
     """
     c = start or ImageStart()
     dtype = model.dtype
