@@ -9,9 +9,10 @@ Under `--rng cuda` it comes from a Philox stream keyed by the seed (sdcli.rng_ph
 source draws it: one call per draw, each call one Philox counter step further (A1111's `Generator.offset`
 + 1, torch's CUDA offset + 4), the initial noise at step 0, the sampler's first noise at step 1. That is
 what a CUDA generator seeded for the image gives for successive `torch.randn` of a latent, which A1111's
-"GPU" source draws, as long as the latent fits the GPU's resident threads (a 1024x1024 SDXL latent has
-65,536 values; a GPU holds 100,000s of threads). A larger one is laid out, and moves the offset on, by
-a rule that depends on the GPU's size; the "NV" source, and sdcli, lay it out as if it fitted.
+"GPU" source draws, as long as the latent fits the GPU's resident threads (multiprocessors x threads per
+multiprocessor: 270,336 on an H100, 30,720 on an RTX 3050; a 512x512 SD latent has 16,384 values, a
+1024x1024 SDXL one 65,536). A larger one is laid out, and moves the offset on, by a rule that depends on
+the GPU; the "NV" source, and sdcli, lay it out as if it fitted.
 A1111 draws the encode noise from torch's global generator, outside the image's stream; here it comes from
 the same Philox key at counter high word 1 (offset 4 * 2^32), a part of the stream the sampler's calls
 (the low word) never reach, so the sampler's noise keeps A1111's counter steps in img2img too.
