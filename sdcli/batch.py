@@ -228,6 +228,12 @@ def infotext_parameters(
     return params
 
 
+def request_ti_hashes(request: GenerationRequest, embeddings: EmbeddingLibrary | None, family: Family) -> str | None:
+    """A1111's `TI hashes` for the embeddings the request's prompt and negative prompt use (None for none).
+    Raises CheckpointError for an embedding file that does not fit the `family`."""
+    return embeddings.hashes((request.prompt, request.negative or ""), family) if embeddings else None
+
+
 def png_parameters(
     request: GenerationRequest,
     model_hash: str,
@@ -379,7 +385,7 @@ def _make(
         request = item.request
         if request.mask is not None:
             image = paste_unmasked(image, request.init, request.mask)
-        ti_hashes = embeddings.hashes((request.prompt, request.negative or ""), model.family) if embeddings else None
+        ti_hashes = request_ti_hashes(request, embeddings, model.family)
         text = png_parameters(request, model_hash, model.path.stem, model.vae_path, ti_hashes, model.family)
         try:
             results[index] = Written(item, save_png(image, item.target, text, overwrite=overwrite), seconds)

@@ -247,7 +247,7 @@ ClipSkip = Annotated[int, typer.Option(min=1, help="1 = last CLIP layer, 2 = the
 Rng = Annotated[
     Literal["cpu", "cuda"],
     typer.Option(
-        help="Initial noise as torch draws it for the seed on the CPU, or on an NVIDIA GPU (A1111's default)."
+        help="Every noise of an image as torch draws it for the seed on the CPU, or on an NVIDIA GPU (A1111's default)."
     ),
 ]
 EmbeddingsDir = Annotated[

@@ -157,7 +157,9 @@ def _generate_command(command: str, opts: dict, group) -> int:
     if skip_existing and run_seed_used and is_random_seed(opts["seed"]):
         raise UsageError("--skip-existing finds the images of an earlier run only by their seeds: give --seed")
     skipped = (
-        _already_written(planned, model_path, vae_file, family, group) if skip_existing else [False] * len(planned)
+        _already_written(planned, model_path, vae_file, family, group, _embedding_library(opts))
+        if skip_existing
+        else [False] * len(planned)
     )
     todo = [p for p, done in zip(planned, skipped, strict=True) if not done]
     if not todo:
@@ -216,20 +218,24 @@ def _generate_command(command: str, opts: dict, group) -> int:
     return _final_report(group, report.written_count, failures, sum(skipped), quiet)
 
 
-def _already_written(planned: list, model_path: Path, vae_path: Path | None, family, group) -> list[bool]:
-    """Which planned images an earlier run wrote (same file, same parameters): rank 0 looks, before any
-    process writes, and tells the others, so every process deals the same remaining images."""
-    from sdcli.batch import png_parameters
+def _already_written(planned: list, model_path: Path, vae_path: Path | None, family, group, embeddings) -> list[bool]:
+    """Which planned images an earlier run wrote (same file, same parameters, embeddings' `TI hashes`
+    included): rank 0 looks, before any process writes, and tells the others, so every process deals the
+    same remaining images."""
+    from sdcli.batch import png_parameters, request_ti_hashes
     from sdcli.resume import already_written
     from sdcli.weights import short_hash
 
-    found = [0] * len(planned)
-    if group.launch.rank == 0:
-        model_hash, name = short_hash(model_path), model_path.stem
-        found = [
-            int(already_written(p.target, png_parameters(p.request, model_hash, name, vae_path, None, family)))
-            for p in planned
-        ]
+    model_hash, name = short_hash(model_path), model_path.stem
+
+    def written(p) -> bool:
+        try:
+            ti_hashes = request_ti_hashes(p.request, embeddings, family)
+        except SdcliError:  # an embedding that does not fit: the job runs, and fails with that message
+            return False
+        return already_written(p.target, png_parameters(p.request, model_hash, name, vae_path, ti_hashes, family))
+
+    found = [int(written(p)) for p in planned] if group.launch.rank == 0 else [0] * len(planned)
     return [bool(done) for done in group.from_rank0(found)]
 
 
@@ -380,12 +386,10 @@ def _embeddings(opts: dict, family, planned: list, warn: Callable[[str], None]):
 
 def _show_prompts(opts: dict, family, texts: list[tuple[str, int]], warn: Callable[[str], None], out):
     """Warn about each prompt's doubtful parts; with show_tokens, write how it is read. Returns the library."""
-    from sdcli.embeddings import EmbeddingLibrary
     from sdcli.prompt_encoding import describe_prompt, prompt_warnings
     from sdcli.text_encoders import make_tokenizer
-    from sdcli.weights import weights_dir
 
-    library = EmbeddingLibrary(opts.get("embeddings_dir") or weights_dir(opts["weights_dir"]) / "embeddings")
+    library = _embedding_library(opts)
     for text, steps in texts:
         for message in prompt_warnings(text, library.missing(text)):
             warn(message)
@@ -395,6 +399,14 @@ def _show_prompts(opts: dict, family, texts: list[tuple[str, int]], warn: Callab
             lines = describe_prompt(text, steps, spec, make_tokenizer(spec), vectors)
             out("\n".join([f"prompt: {text}", *lines]) + "\n")
     return library
+
+
+def _embedding_library(opts: dict):
+    """The textual-inversion embeddings of --embeddings-dir (by default embeddings/ in the weights folder)."""
+    from sdcli.embeddings import EmbeddingLibrary
+    from sdcli.weights import weights_dir
+
+    return EmbeddingLibrary(opts.get("embeddings_dir") or weights_dir(opts["weights_dir"]) / "embeddings")
 
 
 def _device_and_dtype(opts: dict, launch):

@@ -33,6 +33,7 @@ JOB_FIELDS: dict[str, tuple[type, ...]] = {
     "lora": (str, list),  # FILE[:WEIGHT], or a list of them, as --lora
     "original_size": (str,),  # SDXL: "WxH", as --original-size
     "crop": (str,),  # SDXL: "X,Y", as --crop
+    "rng": (str,),  # "cpu" or "cuda", as --rng
 }
 IMAGE_JOB_FIELDS: dict[str, tuple[type, ...]] = {"init": (str,), "mask": (str,), "strength": (int, float)}
 
@@ -89,7 +90,7 @@ def parse_prompt_file(
 # AUTOMATIC1111's "Prompts from file" lines: `--prompt "a cat" --steps 30 --cfg_scale 7`.
 A1111_OPTIONS = {
     "prompt": "prompt", "negative_prompt": "negative", "seed": "seed", "steps": "steps", "cfg_scale": "cfg",
-    "width": "width", "height": "height", "sampler_name": "sampler", "n_iter": "n", "lora": "lora",
+    "width": "width", "height": "height", "sampler_name": "sampler", "n_iter": "n", "lora": "lora", "rng": "rng",
 }  # fmt: skip
 
 
@@ -161,6 +162,11 @@ def _json_job(line: str, allowed: dict[str, tuple[type, ...]]) -> dict[str, obje
     return values
 
 
+# A1111's noise sources (its `RNG` infotext value) as --rng: its "GPU" is torch's CUDA generator on NVIDIA
+# GPUs, whose noise "NV" reproduces anywhere.
+A1111_RNG = {"CPU": "cpu", "GPU": "cuda", "NV": "cuda"}
+
+
 @dataclass(frozen=True)
 class PngJob:
     """A job recreated from a PNG's parameters, with the model it was made with."""
@@ -204,7 +210,7 @@ def job_from_png(path: str) -> PngJob:
         raise ImageError(f"{path}: unreadable generation parameters ({e})") from None
     # A1111 reads a missing RNG as its default, GPU; sdcli images made before it wrote RNG used the CPU.
     rng = params.get("RNG", "CPU" if params.get("Version", "").startswith("sdcli") else "GPU")
-    values["rng"] = "cpu" if rng.upper() == "CPU" else "cuda"
+    values["rng"] = A1111_RNG.get(rng.upper(), rng)  # another value is refused unless --rng replaces it
     if "Sampler" in params:
         values["sampler"] = params["Sampler"]
     # A1111 1.9+ (and sdcli) write the schedule apart: "Sampler: DPM++ 2M, Schedule type: Karras". Older

@@ -1,7 +1,7 @@
 """Generation as functions of (model, requests): prompts -> latents -> images. No printing, no CLI.
 
-Every image has its own seed and its own CPU generator: its initial noise is drawn first, then any
-ancestral or SDE noise, so an image comes out the same alone or in a batch, on any device.
+Every image has its own seed and its own noise stream (sdcli.image_noise): its initial noise is drawn
+first, then any ancestral or SDE noise, so an image comes out the same alone or in a batch, on any device.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from sdcli.conditioning import TextConditioning
 from sdcli.denoiser import DiscreteDenoiser, guided_unet
 from sdcli.embeddings import EmbeddingLibrary
 from sdcli.errors import UsageError
+from sdcli.image_noise import BatchNoise
 from sdcli.images import from_pil, save_png, to_pil
 from sdcli.models.sdxl_size import sdxl_y
 from sdcli.preview import SD_LATENT_RGB, SDXL_LATENT_RGB, approximate_rgb
-from sdcli.prompt_encoding import ScheduledConditioning, encode_schedule, sampler_step
+from sdcli.prompt_encoding import ScheduledConditioning, encode_schedule
 from sdcli.request import DEFAULTS, GenerationRequest
-from sdcli.rng_philox import CudaRandn
 from sdcli.sampler_names import SamplerSpec
+from sdcli.samplers import IncrementNoise
 from sdcli.schedules import alphas_cumprod_sd, initial_noise_scale, make_sigmas
 from sdcli.tiling import decode, encode
 
@@ -48,16 +49,17 @@ def encode_negatives(
     requests: list[GenerationRequest],
     cond: ScheduledConditioning,
     embeddings: dict | None = None,
+    steps: int | None = None,
 ) -> ScheduledConditioning:
-    """The unconditional branch's conditioning: each request's negative prompt encoded; where none was given
-    (None), "" encoded, or zeros (shaped as the prompts' `cond`) for families that zero a missing negative
-    prompt (SDXL)."""
+    """The unconditional branch's conditioning over `steps` (default: the requests' steps): each request's
+    negative prompt encoded; where none was given (None), "" encoded, or zeros (shaped as the prompts' `cond`)
+    for families that zero a missing negative prompt (SDXL)."""
     first = requests[0]
     missing = [r.negative is None for r in requests]
     if model.family.zero_missing_negative and all(missing):
         return ScheduledConditioning(tuple(c.map(torch.zeros_like) for c in cond.batches), cond.step_batch)
     negatives = [r.negative or "" for r in requests]
-    encoded = encode_schedule(model, negatives, first.steps, first.clip_skip, embeddings)
+    encoded = encode_schedule(model, negatives, steps or first.steps, first.clip_skip, embeddings)
     if not model.family.zero_missing_negative or not any(missing):
         return encoded
     kept = torch.tensor([not m for m in missing], dtype=torch.float32, device=model.device)
@@ -76,25 +78,16 @@ def _vae_dtype(model: StableDiffusion) -> torch.dtype:
     return next(model.vae.parameters()).dtype
 
 
-def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-
-
-def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """One unit Gaussian of `shape` (C, h, w) per generator, drawn on the CPU, stacked (B, C, h, w)."""
-    return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
-
-
 def encode_images(
     model: StableDiffusion,
     images: torch.Tensor,
-    generators: list[torch.Generator],
+    noise: BatchNoise,
     tiling: bool | None = None,
     taesd: TinyAutoencoder | None = None,
 ) -> torch.Tensor:
     """Images in [-1, 1] (B, 3, H, W) -> scaled latents: a sample of the VAE's latent distribution.
 
-    The sample's noise comes from each image's generator, after its initial noise, so img2img stays
+    The sample's noise comes from each image's own stream (`BatchNoise.for_encoding`), so img2img stays
     reproducible from the seed alone. Large images (or `tiling`) are encoded in blended tiles. TAESD, when
     given, encodes instead (deterministic, whole images, no noise drawn).
     """
@@ -102,7 +95,7 @@ def encode_images(
         return taesd.encode(images.to(model.device, model.dtype)).float()
     with model.use(model.vae) as vae:
         mean, logvar = encode(vae, images.to(model.device, _vae_dtype(model)), tiling=tiling)
-    eps = draw_noise(generators, tuple(mean.shape[1:]), model.device)
+    eps = noise.for_encoding(tuple(mean.shape[1:]), model.device)
     return (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * model.family.scale_factor
 
 
@@ -143,7 +136,7 @@ def sample(
     uncond: TextConditioning | ScheduledConditioning | None,
     cfg: float,
     noise: torch.Tensor,
-    generators: list[torch.Generator],
+    streams: BatchNoise,
     start: ImageStart | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
@@ -151,8 +144,9 @@ def sample(
 
     Without an init image, or at strength 1, sampling starts from pure noise; otherwise from the init
     latents noised to the first remaining level (diffusers' and A1111's img2img: strength 0.75 of 20 steps
-    runs the last 15). With a keep mask, every denoiser call after the first sees the kept area replaced by
-    the original noised to that call's level, and the result keeps the original latents there.
+    runs the last 15). `noise` is the initial noise; the sampler's own noise calls draw from `streams`. With a
+    keep mask, every denoiser call after the first sees the kept area replaced by the original noised to that
+    call's level, and the result keeps the original latents there.
     """
     c = start or ImageStart()
     dtype = model.dtype
@@ -166,13 +160,16 @@ def sample(
         inputs = (text.context,) if text.pooled is None else (text.context, text.pooled)
         return forward(x.to(dtype), t, *inputs).float()
 
-    # Prompt editing: the conditioning of the sampler step in progress (see sdcli.prompt_encoding).
+    # Prompt editing: the conditioning of the model call in progress, counted from 0 as A1111's CFGDenoiser
+    # counts them (see `schedule_steps`).
     conds = [c if isinstance(c, ScheduledConditioning) else ScheduledConditioning((c,), (0,)) for c in (cond, uncond)]
     guided: dict[tuple[int, int], Callable] = {}
-    step = 0
+    calls = 0
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        key = (conds[0].index_at(step), 0 if uncond is None else conds[1].index_at(step))
+        nonlocal calls
+        key = (conds[0].index_at(calls), 0 if uncond is None else conds[1].index_at(calls))
+        calls += 1
         if key not in guided:
             negative = None if uncond is None else conds[1].batches[key[1]]
             guided[key] = guided_unet(unet, conds[0].batches[key[0]], negative, cfg)
@@ -195,31 +192,34 @@ def sample(
     x = init + noise * sigmas[0] if from_image else noise * initial_noise_scale(spec.schedule, sigmas[0])
     sigma_start = sigmas[0].item()
 
-    def stepped(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        nonlocal step
-        step = sampler_step(sigmas, sigma.reshape(-1)[0].item())
-        return denoiser(x, sigma)
-
-    denoise = stepped
+    denoise = denoiser
     if keep is not None:
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             if sigma[0].item() >= sigma_start:  # the start is left as it is (pure noise at strength 1, as diffusers)
-                return stepped(x, sigma)
-            return stepped(kept(x, init + noise * sigma.view(-1, 1, 1, 1)), sigma)
+                return denoiser(x, sigma)
+            return denoiser(kept(x, init + noise * sigma.view(-1, 1, 1, 1)), sigma)
 
-    # One generator per image: its ancestral/SDE noise continues after its initial noise.
-    x = spec.fn(denoise, x, sigmas, generator=generators, callback=callback)
+    # Each image's ancestral/SDE noise continues its own stream, after its initial noise.
+    noise_sampler = IncrementNoise(lambda: streams.next(noise.shape[1:], noise.device))
+    x = spec.fn(denoise, x, sigmas, noise_sampler=noise_sampler, callback=callback)
     # DDIM's grid ends at a small sigma rather than 0; its latents are x in the variance-preserving scaling
     # there, as diffusers and LDM decode them (for every other sampler this divides by 1).
     x = x / (1 + sigmas[-1] ** 2) ** 0.5
     return x if keep is None else kept(x, init)
 
 
+def schedule_steps(spec: SamplerSpec, steps: int) -> int:
+    """The steps prompt editing is resolved over: A1111 counts model calls, and for the samplers that call the
+    model twice a step (Heun, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE: its "second order" ones) schedules over twice
+    the steps. So `[a:b:0.5]` switches halfway through the calls, and `[a:b:10]` at the 10th call: step 5."""
+    return steps * spec.calls_per_step
+
+
 def prepare_image_start(
     model: StableDiffusion,
     requests: list[GenerationRequest],
-    generators: list[torch.Generator],
+    noise: BatchNoise,
     tiling: bool | None = None,
     taesd: TinyAutoencoder | None = None,
 ) -> ImageStart | None:
@@ -228,7 +228,7 @@ def prepare_image_start(
     if first.init is None:
         return None
     images = torch.cat([from_pil(r.init) for r in requests])  # (B, 3, H, W) in [-1, 1]
-    c = ImageStart(init_latents=encode_images(model, images, generators, tiling, taesd), strength=first.strength)
+    c = ImageStart(init_latents=encode_images(model, images, noise, tiling, taesd), strength=first.strength)
     if first.mask is None:
         return c
     # The feathered mask, thresholded at half as diffusers does, then nearest-downsampled to latent size.
@@ -236,7 +236,7 @@ def prepare_image_start(
     repaint = (masks >= 0.5).float()
     latent_repaint = F.interpolate(repaint, size=c.init_latents.shape[-2:]).to(model.device)
     if model.family.is_inpainting:
-        masked = encode_images(model, images * (1 - repaint), generators, tiling, taesd)  # the repainted area blanked
+        masked = encode_images(model, images * (1 - repaint), noise, tiling, taesd)  # the repainted area blanked
         c.extra_channels = torch.cat([latent_repaint, masked], dim=1)
     else:
         c.keep_mask = 1 - latent_repaint
@@ -273,22 +273,18 @@ def generate(
     texts = [text for r in requests for text in (r.prompt, r.negative or "")]
     found = {} if embeddings is None else embeddings.used_in(texts, model.family)
     vectors = {name: embedding.vectors for name, embedding in found.items()}
-    cond = encode_schedule(model, [r.prompt for r in requests], first.steps, first.clip_skip, vectors)
-    uncond = None if first.cfg <= 1.0 else encode_negatives(model, requests, cond, vectors)
+    steps = schedule_steps(spec, first.steps)
+    cond = encode_schedule(model, [r.prompt for r in requests], steps, first.clip_skip, vectors)
+    uncond = None if first.cfg <= 1.0 else encode_negatives(model, requests, cond, vectors, steps)
     if model.family.unet.adm_in_channels:
         cond, uncond = (None if c is None else add_size_conditioning(c, requests) for c in (cond, uncond))
     f = model.vae.downscale
-    generators = seeded_generators([r.seed for r in requests])
+    streams = BatchNoise([r.seed for r in requests], [r.rng for r in requests])
     shape = (model.family.unet.out_channels, first.height // f, first.width // f)
-    noise = draw_noise(generators, shape, model.device)
-    if any(r.rng == "cuda" for r in requests):  # A1111's GPU noise for those seeds; later noise stays the CPU's
-        noise = torch.cat([
-            CudaRandn(r.seed).randn((1, *shape), device=model.device) if r.rng == "cuda" else n[None]
-            for r, n in zip(requests, noise, strict=True)
-        ])  # fmt: skip
-    start = prepare_image_start(model, requests, generators, vae_tiling, taesd)
+    noise = streams.next(shape, model.device)
+    start = prepare_image_start(model, requests, streams, vae_tiling, taesd)
     with model.use(model.unet):
-        latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, generators, start, callback)
+        latents = sample(model, spec, first.steps, cond, uncond, first.cfg, noise, streams, start, callback)
     if callback is not None:
         callback({"stage": "decode"})  # for progress, and a last chance to stop before the VAE's long pass
     return decode_latents(model, latents, vae_tiling, warn, taesd).cpu()

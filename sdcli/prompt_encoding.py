@@ -12,9 +12,8 @@ keep their own lengths: a batch whose prompts differ in length repeats each shor
 (`sdcli.denoiser.guided_unet`).
 
 A step's conditioning is chosen as A1111 chooses it: at step s (0-based), each prompt's first segment whose
-end step is at least s. sdcli counts sampler steps (`sampler_step`); A1111 counts denoiser calls and, for
-samplers that call the model twice per step, schedules over twice the steps: the two agree on every sampler
-that calls the model once per step.
+end step is at least s. As in A1111, a step is a call of the model, and samplers that call it twice per step
+schedule over twice the steps (`sdcli.pipeline.schedule_steps`).
 """
 
 from __future__ import annotations
@@ -177,16 +176,6 @@ def encode_schedule(
             batches.append(_stack(rows))
         step_batch.append(keys[key])
     return ScheduledConditioning(tuple(batches), tuple(step_batch))
-
-
-def sampler_step(sigmas: torch.Tensor, sigma: float) -> int:
-    """The sampler step (0-based) a denoiser call at `sigma` belongs to, on the noise levels `sigmas`.
-
-    Step i starts at sigmas[i]; a second call within the step (Heun, DPM2, SDE midpoints) falls between
-    sigmas[i] and sigmas[i + 1] and counts for step i too.
-    """
-    above = int((sigmas[:-1] >= sigma * (1 - 1e-5)).sum().item())
-    return max(above - 1, 0)
 
 
 EXTREME_WEIGHT = 3.0  # emphasis beyond this mostly burns the image

@@ -31,7 +31,7 @@ MAX_PIXELS = 4096 * 4096
 MAX_STEPS = 1000
 MAX_CFG = 100.0  # real use stays below 30; larger values only burn the image out
 MAX_MASK_BLUR = 256
-RNG_SOURCES = ("cpu", "cuda")  # where the initial noise is drawn: torch's CPU generator, or its CUDA one
+RNG_SOURCES = ("cpu", "cuda")  # whose noise an image draws: torch's CPU generator, or its CUDA one
 
 
 @dataclass(frozen=True)

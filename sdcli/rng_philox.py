@@ -76,16 +76,19 @@ class CudaRandn:
     Successive `randn` calls continue the stream as successive calls on one CUDA generator do.
     `max_threads` is the GPU's resident thread count (multiprocessors x max threads per multiprocessor);
     it only matters for tensors larger than that, whose layout depends on the GPU. None (the default)
-    lays every tensor out as if it fit, as A1111's "NV" source does.
+    lays every tensor out as if it fit, as A1111's "NV" source does. `offset` is where the stream starts, in
+    torch's units (4 per Philox counter step), as after `set_offset`; 0 after `manual_seed`.
     """
 
-    def __init__(self, seed: int, *, max_threads: int | None = None) -> None:
+    def __init__(self, seed: int, *, max_threads: int | None = None, offset: int = 0) -> None:
         if not -(2**63) <= seed < 2**64:
             raise ValueError(f"seed must be in [-2**63, 2**64), as torch's manual_seed takes; got {seed}")
         if max_threads is not None and max_threads < THREADS_PER_BLOCK:
             raise ValueError(f"max_threads must be at least {THREADS_PER_BLOCK}, got {max_threads}")
+        if offset < 0 or offset % NORMALS_PER_DRAW:
+            raise ValueError(f"offset must be a non-negative multiple of {NORMALS_PER_DRAW}, got {offset}")
         self.seed = seed & (2**64 - 1)  # torch's manual_seed reads negative seeds as two's complement
-        self.offset = 0
+        self.offset = offset
         self.max_threads = max_threads
 
     def randn(

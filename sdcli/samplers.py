@@ -37,23 +37,24 @@ def _randn(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generato
     return torch.cat(draws)
 
 
-class _IncrementNoise:
-    """Default noise sampler: unit Gaussians from `generator`, consistent with one Brownian path.
+class IncrementNoise:
+    """A noise sampler from a source of unit Gaussians, consistent with one Brownian path.
 
-    k-diffusion's SDE samplers use torchsde's Brownian tree, noise(s0, s1) = (W(s1) - W(s0)) / sqrt|s1 - s0|
-    in sigma-time. Calls over disjoint intervals are independent draws. DPM++ SDE asks for (sigma, mid) and
-    then (sigma, sigma_next) within one step; a Brownian path makes these correlated, so the second call
-    extends the first increment by an independent piece. That is exactly the tree's distribution for these
-    calls, without depending on torchsde; the numbers differ from a tree's (A1111 images won't match).
+    `draw()` returns the next unit Gaussian of x's shape (one call of an image's noise stream). k-diffusion's
+    SDE samplers use torchsde's Brownian tree, noise(s0, s1) = (W(s1) - W(s0)) / sqrt|s1 - s0| in sigma-time.
+    Calls over disjoint intervals are independent draws. DPM++ SDE asks for (sigma, mid) and then (sigma,
+    sigma_next) within one step; a Brownian path makes these correlated, so the second call extends the first
+    increment by an independent piece. That is exactly the tree's distribution for these calls, without
+    depending on torchsde; the numbers differ from a tree's (A1111 images won't match).
     """
 
-    def __init__(self, x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator]) -> None:
-        self.x, self.generator = x, generator
+    def __init__(self, draw: Callable[[], torch.Tensor]) -> None:
+        self.draw = draw
         self.last: tuple[float, float, torch.Tensor] | None = None
 
     def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         s0, s1 = float(sigma), float(sigma_next)
-        noise = _randn(self.x, self.generator)
+        noise = self.draw()
         if self.last is not None:
             last_s0, last_s1, last_noise = self.last
             a, b = abs(last_s1 - s0), abs(s1 - last_s1)
@@ -72,7 +73,7 @@ def _noise_sampler(
         return lambda sigma, sigma_next: torch.zeros_like(x)
     if generator is None:
         raise ValueError("a stochastic sampler needs a torch.Generator (or a noise_sampler)")
-    return _IncrementNoise(x, generator)
+    return IncrementNoise(lambda: _randn(x, generator))
 
 
 def _to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -379,7 +380,7 @@ def sample_dpmpp_2m_sde(
     """DPM-Solver++(2M) SDE, midpoint variant: Lu et al. 2022b, SDE-DPM-Solver++(2M) (Appendix), as in
     k-diffusion's `sample_dpmpp_2m_sde(solver_type="midpoint")`. The last step returns the denoised x0.
 
-    Default noise: unit Gaussians from `generator`, one per step (see `_IncrementNoise`); k-diffusion
+    Default noise: unit Gaussians from `generator`, one per step (see `IncrementNoise`); k-diffusion
     uses a torchsde Brownian tree, which for these disjoint intervals has the same distribution.
     """
     noise_sampler = _noise_sampler(x, generator, noise_sampler, eta)
@@ -421,7 +422,7 @@ def sample_dpmpp_sde(
     ancestral noise split at the intermediate point s = t + r h, as in k-diffusion's `sample_dpmpp_sde`.
 
     Default noise: unit Gaussians from `generator`, the two draws of a step correlated as a Brownian path
-    would make them (see `_IncrementNoise`); k-diffusion uses a torchsde Brownian tree instead.
+    would make them (see `IncrementNoise`); k-diffusion uses a torchsde Brownian tree instead.
     """
     noise_sampler = _noise_sampler(x, generator, noise_sampler, eta)
     s_in = x.new_ones([x.shape[0]])

@@ -113,3 +113,22 @@ def test_a_pngs_model_is_reduced_to_a_plain_name(tmp_path, model, plain):
 def test_a_folder_given_as_the_png_says_so(tmp_path):
     with pytest.raises(ImageError, match="is a folder"):
         job_from_png(tmp_path)
+
+
+def test_a_line_sets_the_rng_in_either_syntax():
+    jobs, errors = parse_prompt_file('--prompt "a cat" --rng cuda\n')
+    assert errors == [] and jobs[0].values == {"prompt": "a cat", "rng": "cuda"}
+    jobs, errors = parse_prompt_file('{"prompt": "a cat", "rng": "cuda"}\n{"prompt": "b", "rng": 1}\n')
+    assert jobs[0].values == {"prompt": "a cat", "rng": "cuda"}
+    assert errors[0].line == 2 and "'rng' must be str" in errors[0].message
+
+
+@pytest.mark.parametrize(
+    ("rng", "expected"),
+    [("RNG: GPU, ", "cuda"), ("RNG: NV, ", "cuda"), ("RNG: CPU, ", "cpu"), ("", "cuda"), ("RNG: XPU, ", "XPU")],
+)
+def test_a1111s_rng_values_as_its_parse_generation_parameters_reads_them(tmp_path, rng, expected):
+    # A1111 writes RNG only when it is not its default, GPU, and reads a missing one as GPU. A value it never
+    # writes is kept as is, for the request's check to refuse unless --rng replaces it.
+    path = save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", f"a cat\nSteps: 20, Seed: 1, {rng}Version: v1.9.4")
+    assert job_from_png(path).job.values["rng"] == expected

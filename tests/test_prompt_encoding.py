@@ -15,7 +15,6 @@ from sdcli.prompt_encoding import (
     encode_schedule,
     encode_texts,
     prompt_warnings,
-    sampler_step,
 )
 from sdcli.tokenizer import ClipTokenizer
 
@@ -23,12 +22,6 @@ from sdcli.tokenizer import ClipTokenizer
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):
     return load_model(tiny_checkpoint)
-
-
-def test_sampler_step_counts_a_steps_second_call_for_that_step():
-    sigmas = torch.tensor([14.6, 7.0, 3.0, 1.0, 0.0])
-    assert [sampler_step(sigmas, s) for s in (14.6, 7.0, 3.0, 1.0)] == [0, 1, 2, 3]
-    assert [sampler_step(sigmas, s) for s in (10.0, 5.0, 2.0, 0.5)] == [0, 1, 2, 3]  # midpoints (Heun, DPM2, SDE)
 
 
 def test_rows_of_different_lengths_repeat_their_last_vector_as_a1111s_stack_conds():

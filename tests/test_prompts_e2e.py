@@ -132,8 +132,10 @@ class ScheduledEpsDenoiser:
         return out_uncond + CFG * (out_cond - out_uncond)
 
 
-def reference_schedule(clip, tokenizer, prompt: str, clip_skip: int = 1) -> list[tuple[int, torch.Tensor]]:
-    schedule = prompt_schedule(prompt, STEPS)
+def reference_schedule(
+    clip, tokenizer, prompt: str, clip_skip: int = 1, steps: int = STEPS
+) -> list[tuple[int, torch.Tensor]]:
+    schedule = prompt_schedule(prompt, steps)
     embeds = a1111_embeds(clip, tokenizer, [text for _, text in schedule], clip_skip)
     return [(end, embeds[i : i + 1]) for i, (end, _) in enumerate(schedule)]
 
@@ -275,3 +277,60 @@ def test_from_png_reproduces_an_image_whose_prompt_uses_all_of_the_syntax(tiny_c
 def test_from_png_reads_the_rng_as_a1111_does(tmp_path, params, rng):
     path = save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", f"a cat\n{params}")
     assert job_from_png(str(path)).job.values["rng"] == rng
+
+
+def test_heun_schedules_edits_over_its_model_calls_as_a1111(tiny_checkpoint, reference, tmp_path):
+    # A1111's setup_conds schedules a "second order" sampler's prompts over total_steps = 2 * steps, and its
+    # CFGDenoiser counts model calls. Heun's 6 steps make 11 calls; [cat:dog:5] holds the cat for calls 0-5
+    # (steps 0-2) and the dog from call 6 (step 3) on. Counted in sampler steps, the cat would hold throughout.
+    sampling, _ = load_kdiffusion()
+    (unet, vae, clip), tokenizer = reference
+    prompt = "[a photo of a cat:a photo of a dog:5]"
+    with torch.no_grad():
+        denoiser = ScheduledEpsDenoiser(
+            unet,
+            reference_schedule(clip, tokenizer, prompt, steps=2 * STEPS),
+            reference_schedule(clip, tokenizer, "ugly", steps=2 * STEPS),
+        )
+        sigmas = denoiser.model.get_sigmas(STEPS)
+        noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(SEED))
+        latents = sampling.sample_heun(denoiser, noise * sigmas[0], sigmas, disable=True)
+        expected = to_unit_range(vae.decode(latents / 0.18215).sample)
+    assert denoiser.step == 2 * STEPS - 1
+    ours = generate(tiny_checkpoint, tmp_path / "heun.png", prompt, "ugly", "heun")
+    assert np.abs(ours - expected).mean() < 1 / 255
+
+
+@pytest.mark.parametrize(
+    ("sampler", "expected"),
+    [
+        # Heun, 6 steps: 11 calls over a schedule of 12, [cat:dog:5] ends the cat after call 5.
+        ("heun", [0] * 6 + [1] * 5),
+        # Euler: one call a step over a schedule of 6; the cat holds for steps 0-5, all of them.
+        ("euler", [0] * 6),
+        # DPM++ 2S a: as Heun, 2 calls a step but 1 for the last (to sigma 0).
+        ("dpmpp_2s_a", [0] * 6 + [1] * 5),
+    ],
+)
+def test_each_model_call_sees_the_text_a1111s_call_count_picks(
+    tiny_checkpoint, tmp_path, monkeypatch, sampler, expected
+):
+    import sdcli.pipeline
+
+    seen, made = [], []
+    original = sdcli.pipeline.guided_unet
+
+    def spy(unet, cond, uncond, cfg):
+        guided = original(unet, cond, uncond, cfg)
+        made.append(cond)
+        label = len(made) - 1
+
+        def call(x, t):
+            seen.append(label)
+            return guided(x, t)
+
+        return call
+
+    monkeypatch.setattr(sdcli.pipeline, "guided_unet", spy)
+    generate(tiny_checkpoint, tmp_path / "out.png", "[a photo of a cat:a photo of a dog:5]", "ugly", sampler)
+    assert seen == expected

@@ -81,3 +81,23 @@ def test_skip_existing_needs_a_seed(tmp_path, tiny_checkpoint):
     result = run_cli(*GENERATE, "--model", tiny_checkpoint, "--outdir", tmp_path, "--skip-existing", "a lighthouse")
     assert result.exit_code == 2
     assert "--skip-existing" in result.stderr and "--seed" in result.stderr
+
+
+def test_a_run_with_embeddings_is_skipped_too(tmp_path, tiny_checkpoint):
+    # The images carry `TI hashes`: the parameters compared must too, or every such image is made again.
+    import torch
+    from safetensors.torch import save_file
+
+    embeddings, out = tmp_path / "emb", tmp_path / "out"
+    embeddings.mkdir()
+    save_file(
+        {"emb_params": torch.randn(2, 128, generator=torch.Generator().manual_seed(0))}, embeddings / "sty.safetensors"
+    )
+    args = (*GENERATE, "--model", tiny_checkpoint, "--seed", "3", "--outdir", out, "--embeddings-dir", embeddings)
+    first = run_cli(*args, "a lighthouse in sty", "--skip-existing")
+    assert first.exit_code == 0, first.stderr
+    made = _stamps(out)
+    again = run_cli(*args, "a lighthouse in sty", "--skip-existing")
+    assert again.exit_code == 0, again.stderr
+    assert "0 written, 1 skipped (already written), 0 failed" in again.stderr
+    assert _stamps(out) == made

@@ -171,3 +171,20 @@ def test_matches_torch_randn_on_a_cuda_device():
         for shape in [(3, 4), (1, 4, 64, 64), (2, 4, 128, 128), (3 * max_threads + 17,)]:
             expected = torch.randn(shape, generator=cuda, device="cuda").cpu()
             torch.testing.assert_close(ours.randn(shape), expected, rtol=1e-5, atol=3e-5)
+
+
+def test_a_stream_started_at_an_offset_continues_as_one_that_drew_up_to_it():
+    # torch's CUDA generator: offset 4 n is where n draws of a tensor that fits the grid leave it.
+    drawn = CudaRandn(8)
+    drawn.randn((5,))
+    assert CudaRandn(8, offset=4).randn((5,)).tolist() == drawn.randn((5,)).tolist()
+    assert CudaRandn(8, offset=4 << 32).randn((3,)).tolist() == [_element_high(8, 1, k) for k in range(3)]
+    with pytest.raises(ValueError, match="multiple of 4"):
+        CudaRandn(8, offset=2)
+
+
+def _element_high(seed: int, counter_high: int, thread: int) -> float:
+    """The first normal of the draw at counter (0, counter_high, thread, 0)."""
+    key = torch.tensor([seed & MASK32, seed >> 32], dtype=torch.int64)
+    x = philox4x32(torch.tensor([0, counter_high, thread, 0], dtype=torch.int64), key)
+    return box_muller(x[0], x[1])[0].item()

@@ -173,7 +173,8 @@ def test_every_sampler_takes_the_same_keywords():
 def test_default_noise_is_brownian_consistent_within_a_step():
     # Brownian increments over (10, 7) and (10, 5) overlap on (10, 7): correlation sqrt(3 / 5).
     x = torch.zeros(400_000)
-    noise = samplers._IncrementNoise(x, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    noise = samplers.IncrementNoise(lambda: torch.randn(x.shape, generator=generator))
     first = noise(torch.tensor(10.0), torch.tensor(7.0))
     second = noise(torch.tensor(10.0), torch.tensor(5.0))
     fresh = noise(torch.tensor(5.0), torch.tensor(2.0))
