@@ -21,7 +21,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import torch  # noqa: E402
-from random_sd15 import ensure_checkpoint  # noqa: E402
+from random_models import ensure_checkpoint  # noqa: E402
 from timing import alternate, machine_description, median  # noqa: E402
 
 from sdcli.checkpoint import load_model  # noqa: E402
