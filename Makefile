@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 K_DIFFUSION ?= k-diffusion==0.1.1.post1
 PYTEST_ARGS ?=
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench bench-quick clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,10 +38,21 @@ lint: $(VENV)/.test-installed
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The full measurements (long on a CPU): SD 1.5 networks and jobs, LoRA, few-step jobs, SDXL, the server.
 bench: $(VENV)/.test-installed
 	$(PY) bench/run.py
 	$(PY) bench/lora.py
+	$(PY) bench/fast.py
+	$(PY) bench/sdxl.py
 	$(PY) bench/serve_load.py
+
+# Every benchmark small (256x256 or 512x512, one or two repeats): checks that they run, not how fast.
+bench-quick: $(VENV)/.test-installed
+	$(PY) bench/run.py --quick
+	$(PY) bench/lora.py --quick
+	$(PY) bench/fast.py --quick
+	$(PY) bench/sdxl.py --quick
+	$(PY) bench/serve_load.py --clients 1,4 --requests 8
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -30,7 +30,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import torch  # noqa: E402
-from random_sd15 import ensure_checkpoint, ensure_diffusers_config  # noqa: E402
+from random_models import ensure_checkpoint, ensure_diffusers_config  # noqa: E402
 
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
 

@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("side", choices=["sdcli", "diffusers"])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--config", required=True, help="diffusers config folder (see random_sd15.py)")
+    parser.add_argument("--config", required=True, help="diffusers config folder (see random_models.py)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2)

@@ -6,7 +6,7 @@ Loading with and without it, and a UNet step of each loaded model, are timed alt
 after a warm-up; the lines print the medians and the ratio with/without. The LoRA is merged into the
 weights while loading, so the step ratio should be 1 and the load ratio shows the merge time.
 
-    .venv/bin/python bench/lora.py            # fp32, 512x512 (latents 64x64), CFG batch 2
+    .venv/bin/python bench/lora.py            # 512x512 (latents 64x64), CFG batch 2, bf16 if native else fp32
     .venv/bin/python bench/lora.py --quick    # 256x256, fewer repeats
 """
 
@@ -21,11 +21,12 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import torch  # noqa: E402
-from random_sd15 import ensure_checkpoint  # noqa: E402
+from random_models import ensure_checkpoint  # noqa: E402
 from timing import alternate, machine_description, median  # noqa: E402
 
 from sdcli.checkpoint import load_model  # noqa: E402
 from sdcli.convert import lora_aliases, lora_targets  # noqa: E402
+from sdcli.devices import cpu_has_native_bf16  # noqa: E402
 from sdcli.families import detect  # noqa: E402
 from sdcli.header import read_header  # noqa: E402
 from sdcli.lora import checkpoint_lora_patch, load_lora  # noqa: E402
@@ -64,12 +65,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="256x256, fewer repeats")
     parser.add_argument("--repeats", type=int, help="timed rounds (default 5, quick 2)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="auto: bf16 where the CPU has native bf16, else fp32 (as sdcli)")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=BENCH / ".cache", help="where the checkpoint is built")
     args = parser.parse_args()
     repeats = args.repeats or (2 if args.quick else 5)
     size = 256 if args.quick else 512
     torch.set_num_threads(args.threads)
+    if args.dtype == "auto":
+        args.dtype = "bf16" if cpu_has_native_bf16() else "fp32"
     dtype = DTYPES[args.dtype]
     print("\n".join(machine_description(args.threads)), flush=True)
 

@@ -35,7 +35,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import torch  # noqa: E402
-from random_sd15 import ensure_checkpoint  # noqa: E402
+from random_models import ensure_checkpoint  # noqa: E402
 from timing import cpu_model, git_revision, median  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402

@@ -33,7 +33,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import torch  # noqa: E402
-from random_sd15 import ensure_checkpoint, ensure_diffusers_config  # noqa: E402
+from random_models import ensure_checkpoint, ensure_diffusers_config  # noqa: E402
 from timing import alternate, machine_description, median, run_child  # noqa: E402
 
 from sdcli.devices import cpu_has_native_bf16  # noqa: E402
