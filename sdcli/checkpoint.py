@@ -291,6 +291,7 @@ def load_model(
     patch: Patch | None = None,
     vae: str | os.PathLike | None = None,
     prediction: str | None = None,
+    skip_vae: bool = False,
 ) -> StableDiffusion:
     """Load a single-file SD checkpoint (.safetensors, original layout) for `device` in `dtype`.
 
@@ -306,6 +307,9 @@ def load_model(
     `vae`: a single-file VAE to use instead of the checkpoint's (see `vae_file_infos` for the layouts).
 
     `prediction` ("eps" or "v") overrides what the file says its UNet predicts (see `sdcli.prediction`).
+
+    `skip_vae`: the VAE's weights are not read (TAESD encodes and decodes instead): its module stays on the
+    meta device, where it answers for its shape and dtype but fails if run.
     """
     device = torch.device(device)
     path = Path(path)
@@ -318,7 +322,9 @@ def load_model(
     vae_path = None if vae is None else Path(vae)
     with TensorReader(path) as reader:
         *text_encoders, unet, vae_module = [
-            load_vae_file(vae_path, build, part_dtype, target, memory_format)
+            _unloaded(build, part_dtype)
+            if skip_vae and prefix == VAE_PREFIX
+            else load_vae_file(vae_path, build, part_dtype, target, memory_format)
             if vae_path is not None and prefix == VAE_PREFIX
             else load_component(path, reader, infos, prefix, build, part_dtype, target, memory_format, patch)
             for (prefix, build, memory_format), part_dtype in zip(parts, dtypes, strict=True)
@@ -326,6 +332,12 @@ def load_model(
     return StableDiffusion(
         family, tuple(text_encoders), unet, vae_module, path, device, dtype, offload, vae_path=vae_path
     )
+
+
+def _unloaded(build: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
+    """A network without weights: built on the meta device in `dtype`."""
+    with torch.device("meta"), skipped_initialisers():
+        return build().to(dtype)
 
 
 # Keys a standalone VAE file may carry besides the network: the training loss's and the EMA's bookkeeping.

@@ -439,9 +439,10 @@ def _load(path: Path, opts: dict, warn: Callable[[str], None], patch, device, dt
 
     if note := slow_dtype_note(dtype, device):
         warn(note)
+    vae_file = _vae_file(opts)
     model = load_model(
-        path, device=device, dtype=dtype, offload=opts["low_memory"], patch=patch, vae=_vae_file(opts),
-        prediction=opts.get("prediction"),
+        path, device=device, dtype=dtype, offload=opts["low_memory"], patch=patch, vae=vae_file,
+        prediction=opts.get("prediction"), skip_vae=bool(opts.get("vae")) and vae_file is None,  # TAESD instead
     )  # fmt: skip
     if opts["compile_unet"]:
         compile_unet(model, warn)

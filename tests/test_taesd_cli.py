@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_taesd import original_layout
 
+import sdcli.checkpoint
 import sdcli.pipeline
 from sdcli.images import from_pil
 from sdcli.model_specs import resolve_spec
@@ -40,7 +41,15 @@ def captured(monkeypatch):
             return out
 
         monkeypatch.setattr(sdcli.pipeline, name, spy)
+    load_model = sdcli.checkpoint.load_model
+    monkeypatch.setattr(sdcli.checkpoint, "load_model", lambda *a, **k: seen.setdefault("model", load_model(*a, **k)))
     return seen
+
+
+def assert_vae_not_loaded(model) -> None:
+    """TAESD does the VAE's work, so the checkpoint's VAE weights were never read."""
+    assert all(p.is_meta for p in model.vae.parameters())
+    assert not any(p.is_meta for p in model.unet.parameters())
 
 
 def unit_pixels(path) -> np.ndarray:
@@ -65,6 +74,7 @@ def test_cli_decode_equals_autoencoder_tiny(tiny_checkpoint, reference_taesd, ca
     assert ours.shape == expected.shape == (64, 64, 3)
     assert np.abs(ours - expected).mean() < 1 / 255
     assert np.abs(ours - expected).max() <= 1 / 255 + 1e-6  # only 8-bit rounding apart
+    assert_vae_not_loaded(captured["model"])
 
 
 def test_img2img_encodes_with_taesd(tiny_checkpoint, reference_taesd, captured, tmp_path):
@@ -76,6 +86,7 @@ def test_img2img_encodes_with_taesd(tiny_checkpoint, reference_taesd, captured, 
     with torch.no_grad():
         expected = model.encode(from_pil(init)).latents  # scaling factor 1: the samplers' latents
     torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
+    assert_vae_not_loaded(captured["model"])
 
 
 def test_names_find_either_layout_in_the_weights_folder(tiny_checkpoint, reference_taesd, tmp_path):
