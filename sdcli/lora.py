@@ -123,6 +123,18 @@ class LoraModule:
 
     def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The change to the weight, (out, in * kernel) in fp32, scaled by alpha / rank."""
+        return self._product(device) * self.scale
+
+    def add_to(self, weight: torch.Tensor, alpha: float) -> None:
+        """weight (out, in * kernel, fp32) += alpha * the change, without a full-size temporary for a plain LoRA."""
+        if self.kind == "lora" and "mid" not in self.factors:
+            up, down = (self.factors[role].to(weight.device, torch.float32).flatten(1) for role in ("up", "down"))
+            weight.addmm_(up, down, alpha=alpha * self.scale)
+        else:
+            weight.add_(self._product(weight.device), alpha=alpha * self.scale)
+
+    def _product(self, device: torch.device | str) -> torch.Tensor:
+        """The factors' product, (out, in * kernel) in fp32, unscaled."""
         f = {role: t.to(device, torch.float32) for role, t in self.factors.items() if role != "magnitude"}
         if self.kind == "lora":
             if "mid" in f:  # Tucker LoCon: 1x1 down, kh x kw mid, 1x1 up composed into one kh x kw kernel
@@ -135,7 +147,7 @@ class LoraModule:
             w1 = f["w1"] if "w1" in f else _factor(f, "1")
             w2 = f["w2"] if "w2" in f else _factor(f, "2")
             delta = torch.kron(w1, w2.flatten(1))  # w2 flattened over (in, kh, kw): the 4-D kron's numbers
-        return delta.flatten(1) * self.scale
+        return delta.flatten(1)
 
 
 def _product_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, int]:
@@ -278,9 +290,10 @@ def _some(names: Sequence[str], count: int = 4) -> str:
 class LoraPatch:
     """The loading hook for a set of LoRAs: a touched weight becomes W + sum of weighted changes.
 
-    Call it with (checkpoint key, tensor): the sum is computed in fp32 and cast back to the tensor's
-    dtype; a key no LoRA touches returns the same tensor object. Each term is (module, weight, rows):
-    `rows` (i, n) adds the change to the i-th of n blocks of rows only (q, k or v of a fused projection).
+    Call it with (checkpoint key, tensor): the sum is computed and returned in fp32 (the loader casts it
+    to the model's dtype, once); a key no LoRA touches returns the same tensor object. Each term is
+    (module, weight, rows): `rows` (i, n) adds the change to the i-th of n blocks of rows only (q, k or v of
+    a fused projection).
     Terms apply in order; a DoRA term rescales the rows it changes as merged so far.
     `keys` are the keys it changes, so a prompt file that switches LoRA sets reloads only `old.keys | new.keys`.
     """
@@ -301,11 +314,11 @@ class LoraPatch:
         flat = merged.view(merged.shape[0], -1)
         for module, weight, rows in terms:
             block = flat if rows is None else flat.chunk(rows[1])[rows[0]]
-            block.add_(module.delta(merged.device), alpha=weight)
+            module.add_to(block, weight)
             if module.magnitude is not None:  # DoRA: each output row scaled to its learnt magnitude
                 magnitude = module.magnitude.to(merged.device, torch.float32).reshape(-1, 1)
                 block.mul_(magnitude / block.norm(dim=1, keepdim=True))
-        return merged.to(tensor.dtype)
+        return merged  # cast once, by the loader, to the model's dtype: no rounding through the file's
 
 
 def lora_patch(
