@@ -41,6 +41,7 @@ test: lint
 # The full measurements (long on a CPU): SD 1.5 networks and jobs, LoRA, few-step jobs, SDXL, the server.
 bench: $(VENV)/.test-installed
 	$(PY) bench/run.py
+	$(PY) bench/profile_bf16.py
 	$(PY) bench/lora.py
 	$(PY) bench/fast.py
 	$(PY) bench/sdxl.py

@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"cl": torch.channels_last, "nchw": torch.contiguous_format}
+STEP_FLOOR_TARGET = 1.25  # the bf16 512x512 UNet step against its floor at the matmul rate
 CLASSES = ("convolution", "GEMM/linear", "attention", "GroupNorm", "LayerNorm", "elementwise", "other")
 COMPUTE_CLASSES = ("convolution", "GEMM/linear", "attention")
 MEMORY_CLASSES = ("GroupNorm", "LayerNorm", "elementwise")
@@ -165,6 +166,9 @@ def measure(model, dtype: torch.dtype, size: int, layout: str, repeats: int, rat
         f"{total_flops / 1e12:.3f} TFLOP, floor at the matmul rate {total_flops / rate / 1e9:.3f} s "
         f"(step / floor {step_s / (total_flops / rate / 1e9):.2f}); load average {load:.2f}"
     )
+    if dtype == torch.bfloat16 and size == 512:
+        met = step_s / (total_flops / rate / 1e9) <= STEP_FLOOR_TARGET
+        print(f"target: bf16 step within {STEP_FLOOR_TARGET}x of the floor: {'met' if met else '**not met**'}")
     print(
         "| op class | self CPU s | share | GFLOP | GFLOP/s | of matmul rate | est. GB moved | GB/s "
         "| floor s | time / floor |"
@@ -199,13 +203,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps (median)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--cache", type=Path, default=BENCH / ".cache")
+    parser.add_argument("--emulated", action="store_true", help="profile bf16 even where the CPU emulates it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from sdcli.checkpoint import load_model
+    from sdcli.devices import cpu_has_native_bf16
 
     caps = torch.cpu.get_capabilities()
     dtype = DTYPES[args.dtype]
+    if dtype == torch.bfloat16 and not cpu_has_native_bf16() and not args.emulated:
+        print("bf16 profile skipped: this CPU emulates bf16 (no AVX512-BF16 or AMX); --emulated runs it anyway")
+        return
     load = os.getloadavg()
     print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores; threads {args.threads}")
     print(f"torch {torch.__version__}; get_cpu_capability(): {torch.backends.cpu.get_cpu_capability()}")
