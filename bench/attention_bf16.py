@@ -25,7 +25,7 @@ sys.path.insert(0, str(BENCH))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from timing import alternate, cpu_model, git_revision, median  # noqa: E402
+from timing import alternate, machine_description, median  # noqa: E402
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -171,10 +171,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    load = os.getloadavg()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores; threads {args.threads}")
-    print(f"torch {torch.__version__}; get_cpu_capability(): {torch.backends.cpu.get_cpu_capability()}")
-    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; sdcli {git_revision()}")
+    print("\n".join(machine_description(args.threads)))
     variants = args.variants.split(",")
     per_step = dict.fromkeys(variants, 0.0)
     with torch.inference_mode():
