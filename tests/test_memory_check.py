@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from sdcli import cli_generate, tiling
+from sdcli import run_load, tiling
 from sdcli.checkpoint import components
 from sdcli.errors import SdcliError
 from sdcli.families import SD1
@@ -96,7 +96,7 @@ def test_the_cli_refuses_before_loading_when_memory_is_short(tiny_checkpoint, tm
     def refuse(*_args):
         raise AssertionError("the model was loaded before the error")
 
-    monkeypatch.setattr(cli_generate, "_load", refuse)
+    monkeypatch.setattr(run_load, "load_run_model", refuse)
     args = ("txt2img", "x", "-m", tiny_checkpoint, "--dtype", "fp32", "--steps", 1, "-W", 64, "-H", 64)
     result = run_cli(*args, "--no-vae-tiling", "--outdir", tmp_path / "o")
     assert result.exit_code == 1

@@ -10,7 +10,8 @@ import torch
 from conftest import TINY_SD1, run_cli, tiny_state_dict
 from PIL import Image
 
-import sdcli.cli_generate as cli_generate
+import sdcli.run_files as run_files
+import sdcli.run_load as run_load
 from sdcli.batch import job_requests
 from sdcli.errors import UsageError
 from sdcli.images import read_png_parameters, save_png
@@ -28,7 +29,7 @@ def no_loading(monkeypatch):
     def refuse(*_args):
         raise AssertionError("the model was loaded before the error")
 
-    monkeypatch.setattr(cli_generate, "_load", refuse)
+    monkeypatch.setattr(run_load, "load_run_model", refuse)
 
 
 def png_with(tmp_path: Path, parameters: str) -> Path:
@@ -179,8 +180,8 @@ def test_from_png_looks_the_model_up_by_name_in_the_weights_folder_only(tiny_che
 
 
 def test_without_a_size_the_model_familys_default_size_is_used(tiny_checkpoint, tmp_path, monkeypatch):
-    real_family = cli_generate._family
-    monkeypatch.setattr(cli_generate, "_family", lambda *args: replace(real_family(*args), default_size=72))
+    real_family = run_files.model_family
+    monkeypatch.setattr(run_files, "model_family", lambda *args: replace(real_family(*args), default_size=72))
     result = run_cli("txt2img", "x", "-m", tiny_checkpoint, "--steps", 1, "-W", 64, "-o", tmp_path / "a.png")
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "a.png").size == (64, 72)

@@ -79,11 +79,11 @@ def test_fail_fast_stops_at_the_first_bad_line_before_generating(tiny_checkpoint
 
 
 def test_prompts_from_stdin_share_one_model_load(tiny_checkpoint, tmp_path, monkeypatch):
-    import sdcli.cli_generate as cli_generate
+    import sdcli.run_load as run_load
 
     loads = []
-    real_load = cli_generate._load
-    monkeypatch.setattr(cli_generate, "_load", lambda *a: loads.append(1) or real_load(*a))
+    real_load = run_load.load_run_model
+    monkeypatch.setattr(run_load, "load_run_model", lambda *a: loads.append(1) or real_load(*a))
     result = run_cli(
         "txt2img", "--prompt-file", "-", "-m", tiny_checkpoint, *FAST, "--outdir", tmp_path, input="a\nb\nc\n"
     )
