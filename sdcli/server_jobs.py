@@ -115,8 +115,9 @@ class Models:
 
     def library(self, path: Path) -> LoraLibrary:
         """The LoRA library of checkpoint `path`: the loaded model's own (it holds the files read), or a new one."""
-        if self.active is not None and self.active.model.path.resolve() == path:
-            return self.active.library
+        active = self.active  # read once: the generation thread may switch models meanwhile
+        if active is not None and active.model.path.resolve() == path:
+            return active.library
         return LoraLibrary(self.settings.lora_dir, path)
 
     def ensure(self, path: Path, loras: LoraSet | None = None) -> StableDiffusion:

@@ -12,11 +12,14 @@ import json
 import shutil
 
 import pytest
+from conftest import run_cli
 from safetensors.torch import load_file, save_file
 from test_embeddings import vectors, write
 from test_lora import reference_pipe, write_kohya_lora
 from test_server import CLI_SMALL, SMALL, cli_images, images_of, make_service, running
 
+import sdcli.server
+from sdcli.errors import SdcliError
 from sdcli.lora_sets import lora_hash
 from sdcli.weights import sha256_file
 
@@ -149,3 +152,22 @@ def test_the_folders_can_be_given(tiny_checkpoint, folders, tmp_path):
         assert client.get("/sdapi/v1/loras").json() == []
         assert txt2img(client, "a cat <lora:style:1>").status_code == 422
         assert list(client.get("/sdapi/v1/embeddings").json()["skipped"]) == ["detail"]
+
+
+def test_serve_passes_its_folders_or_the_weights_folder_defaults(tiny_checkpoint, folders, tmp_path, monkeypatch):
+    seen = []
+
+    class Stop:  # records the settings, then stops before anything loads
+        def __init__(self, settings) -> None:
+            seen.append(settings)
+
+        def load(self) -> None:
+            raise SdcliError("stopped")
+
+    monkeypatch.setattr(sdcli.server, "Service", Stop)
+    common = ("serve", "--port", 0, "--model", tiny_checkpoint, "--weights-dir", folders)
+    for extra in ((), ("--lora-dir", tmp_path / "l", "--embeddings-dir", tmp_path / "e")):
+        result = run_cli(*common, *extra)
+        assert result.exit_code == 1 and "error: stopped" in result.output
+    assert (seen[0].lora_dir, seen[0].embeddings_dir) == (folders / "loras", folders / "embeddings")
+    assert (seen[1].lora_dir, seen[1].embeddings_dir) == (tmp_path / "l", tmp_path / "e")
