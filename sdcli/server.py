@@ -112,6 +112,11 @@ def create_app(service: Service, log_json: bool = False) -> FastAPI:
     def embeddings() -> dict:  # not async: reads the files
         return service.embeddings_body()
 
+    @app.post("/sdapi/v1/refresh-loras")
+    @app.post("/sdapi/v1/refresh-embeddings")
+    async def refresh_folders() -> None:
+        """Nothing to do: the LoRA and embeddings folders are searched anew for every request and listing."""
+
     @app.get("/sdapi/v1/options")
     def get_options() -> dict:
         return {

@@ -142,6 +142,8 @@ def test_loras_and_embeddings_are_listed_as_a1111_does(served, folders):
         "sparkle": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 128, "vectors": 2}
     }
     assert list(embeddings["skipped"]) == ["wide"]
+    assert client.post("/sdapi/v1/refresh-loras").status_code == 200
+    assert client.post("/sdapi/v1/refresh-embeddings").status_code == 200
 
 
 def test_the_folders_can_be_given(tiny_checkpoint, folders, tmp_path):
