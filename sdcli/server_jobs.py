@@ -223,7 +223,9 @@ class Service:
         values: dict[str, Any] = {"prompt": payload.prompt, "negative": payload.negative_prompt}
         # The prompt's <lora:NAME:W> tags, found in the LoRA folder (UsageError, a 422, for a bad tag or name); they
         # are checked against the model on the generation thread.
-        _, values["loras"] = self.models.library(model).resolve(payload.prompt)
+        values["loras"] = ()
+        if not payload.disable_extra_networks:
+            _, values["loras"] = self.models.library(model).resolve(payload.prompt)
         # Read now, so that an embedding made for another model family is a 422 before the request is queued.
         embeddings = EmbeddingLibrary(self.settings.embeddings_dir)
         embeddings.used_in([payload.prompt, payload.negative_prompt], family)

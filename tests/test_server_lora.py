@@ -8,11 +8,14 @@ random vectors (see test_embeddings).
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
+import numpy as np
 import pytest
 from conftest import run_cli
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_embeddings import vectors, write
 from test_lora import reference_pipe, write_kohya_lora
@@ -102,6 +105,19 @@ def test_lora_sets_switch_across_requests_and_models_as_fresh_runs(served, tiny_
                           "--lora-dir", folders / "loras", "--outdir", tmp_path / "other", *CLI_SMALL)  # fmt: skip
     assert image == fresh and service.models.model.path.name == "other.safetensors"
     assert images_of(txt2img(client, plain)) == [expected[plain]]  # back to the startup model, without LoRAs
+
+
+def test_disable_extra_networks_removes_the_tags_without_applying_them(served):
+    client, _ = served
+    (disabled,) = images_of(txt2img(client, "a cat <lora:style:0.7>", disable_extra_networks=True))
+    (plain,) = images_of(txt2img(client, "a cat"))
+    assert np.array_equal(pixels(disabled), pixels(plain))
+    assert "Lora hashes" not in Image.open(io.BytesIO(disabled)).info["parameters"]
+    assert txt2img(client, "a cat <lora:nowhere:1>", disable_extra_networks=True).status_code == 200
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
 
 
 @pytest.mark.parametrize(
