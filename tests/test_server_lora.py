@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_embeddings import vectors, write
 from test_lora import reference_pipe, write_kohya_lora
-from test_server import CLI_SMALL, SMALL, cli_images, images_of, make_service, running
+from test_server import CLI_SMALL, SMALL, b64, cli_images, images_of, make_service, running
 
 import sdcli.server
 from sdcli.errors import SdcliError
@@ -89,6 +89,18 @@ def test_lora_tags_and_embeddings_give_the_cli_bytes_and_hashes(served, tiny_che
     hashes = {"lora": lora_hash(folders / "loras" / "sub" / "detail.safetensors"),
               "ti": sha256_file(folders / "embeddings" / "sparkle.safetensors")[:12]}  # fmt: skip
     assert recorded.format(**hashes) in json.loads(response.json()["info"])["infotexts"][0]
+
+
+def test_img2img_with_a_lora_tag_gives_the_cli_bytes(served, tiny_checkpoint, folders, tmp_path):
+    client, _ = served
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(8).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(init)
+    prompt = "a harbour <lora:style:0.6> sparkle"
+    payload = {"prompt": prompt, "seed": 4, **SMALL, "init_images": [b64(init)], "denoising_strength": 0.6}
+    cli = cli_images("img2img", prompt, "--seed", 4, "--init", init, "--strength", 0.6, "--model", tiny_checkpoint,
+                     "--lora-dir", folders / "loras", "--embeddings-dir", folders / "embeddings",
+                     "--outdir", tmp_path / "out", *CLI_SMALL)  # fmt: skip
+    assert images_of(client.post("/sdapi/v1/img2img", json=payload)) == cli
 
 
 def test_lora_sets_switch_across_requests_and_models_as_fresh_runs(served, tiny_checkpoint, folders, tmp_path):
