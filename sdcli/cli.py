@@ -679,6 +679,8 @@ def serve(
     device: Device = "auto",
     dtype: Dtype = "auto",
     weights_dir: WeightsDir = None,
+    lora_dir: LoraDir = None,
+    embeddings_dir: EmbeddingsDir = None,
 ) -> None:
     """Keep a model loaded behind AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, ...)."""
     from sdcli.errors import UsageError
@@ -706,6 +708,7 @@ def serve(
     serve_forever(
         model, host=host, port=port, queue=queue, users=users, token=token, max_pixels=max_pixels,
         max_body=max_body, log_json=log_json, device=device, dtype=dtype, weights_dir=weights_dir,
+        lora_dir=lora_dir, embeddings_dir=embeddings_dir,
     )  # fmt: skip
 
 

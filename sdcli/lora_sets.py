@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
-from sdcli.errors import UsageError
+from sdcli.errors import CheckpointError, UsageError
 from sdcli.extra_networks import LoraRef, parse_prompt
 from sdcli.families import detect
 from sdcli.header import read_header
@@ -41,6 +41,28 @@ def lora_hash(path: Path) -> str:
 def infotext_name(ref: LoraRef) -> str:
     """The name A1111 records in "Lora hashes": as mentioned, without the ':' and ',' that would break the list."""
     return ref.name.replace(":", "").replace(",", "")
+
+
+def available_loras(directory: Path) -> dict[str, Path]:
+    """The LoRAs prompts can name from `directory`, by name: for each stem the .safetensors file `<lora:stem:...>`
+    finds (the shallowest, as LoraLibrary.find)."""
+    files = sorted(directory.rglob("*" + SUFFIXES[0]), key=lambda p: (len(p.parts), str(p)))
+    found: dict[str, Path] = {}
+    for path in files:
+        found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
+
+
+def lora_metadata(path: Path) -> dict[str, str]:
+    """A LoRA file's safetensors metadata (kohya-ss's training settings, ...); empty if it has none or is damaged."""
+    from safetensors import safe_open
+
+    try:
+        read_header(path)  # checked first: a damaged file is skipped, not half-read
+    except CheckpointError:
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 class LoraLibrary:
@@ -93,6 +115,13 @@ class LoraLibrary:
         if path not in self._files:
             self._files[path] = load_lora(path)
         return self._files[path]
+
+    def keep_only(self, loras: LoraSet) -> None:
+        """Forget the files and patches `loras` does not use (a long-running server would otherwise keep every
+        LoRA it was ever asked for in memory)."""
+        used = {ref.path for ref in loras}
+        self._files = {path: lora for path, lora in self._files.items() if path in used}
+        self._patches = {key: patch for key, patch in self._patches.items() if key == loras}
 
     def patch(self, loras: LoraSet) -> LoraPatch | None:
         """The loading patch merging `loras` into this checkpoint (None for no LoRA); LoraError if one does not fit."""

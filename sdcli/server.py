@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 
 from sdcli import __version__
 from sdcli.errors import SdcliError
+from sdcli.lora_sets import available_loras, lora_metadata
 from sdcli.sampler_names import SAMPLERS
 from sdcli.server_jobs import SCHEDULERS, ServerError, Service, Settings
 from sdcli.server_models import ImagesResponse, Img2ImgRequest, OptionsRequest, Txt2ImgRequest
@@ -100,6 +101,21 @@ def create_app(service: Service, log_json: bool = False) -> FastAPI:
     async def schedulers() -> list[dict]:
         return [{"name": k, "label": k.capitalize(), "aliases": None, "default_rho": -1, "need_inner_model": False}
                 for k in SCHEDULERS]  # fmt: skip
+
+    @app.get("/sdapi/v1/loras")
+    def loras() -> list[dict]:  # not async: reads the files' headers
+        folder = settings.lora_dir
+        return [{"name": name, "alias": name, "path": path.relative_to(folder).as_posix(),
+                 "metadata": lora_metadata(path)} for name, path in available_loras(folder).items()]  # fmt: skip
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings() -> dict:  # not async: reads the files
+        return service.embeddings_body()
+
+    @app.post("/sdapi/v1/refresh-loras")
+    @app.post("/sdapi/v1/refresh-embeddings")
+    async def refresh_folders() -> None:
+        """Nothing to do: the LoRA and embeddings folders are searched anew for every request and listing."""
 
     @app.get("/sdapi/v1/options")
     def get_options() -> dict:
@@ -240,6 +256,8 @@ def serve_forever(
     device: str,
     dtype: str,
     weights_dir: Path | None,
+    lora_dir: Path | None = None,
+    embeddings_dir: Path | None = None,
 ) -> None:
     """Load the model, then serve until SIGINT/SIGTERM, which interrupts the job in flight, cancels those
     waiting (503), and lets the responses go out before the process exits."""
@@ -254,6 +272,8 @@ def serve_forever(
     settings = Settings(
         model=resolve_model(model, folder), weights_dir=folder, device=chosen, dtype=resolve_dtype(dtype, chosen),
         queue=queue, users=users, token=token, max_pixels=max_pixels, max_body=max_body,
+        lora_dir=Path(lora_dir).expanduser() if lora_dir else None,
+        embeddings_dir=Path(embeddings_dir).expanduser() if embeddings_dir else None,
     )  # fmt: skip
     service = Service(settings)
     note = (lambda message: log.info(json.dumps({"message": message}))) if log_json else log.info

@@ -25,10 +25,12 @@ from PIL import Image
 from sdcli import __version__
 from sdcli.batch import Interrupted, Planned, Written, job_requests, run
 from sdcli.checkpoint import StableDiffusion, load_model
+from sdcli.embeddings import EmbeddingLibrary, load_embedding
 from sdcli.errors import SdcliError
 from sdcli.families import Family, detect
 from sdcli.header import read_header
 from sdcli.jobs import Job
+from sdcli.lora_sets import ActiveLoras, LoraLibrary, LoraSet
 from sdcli.memory_check import check_fits
 from sdcli.progress import Report
 from sdcli.request import DEFAULTS, is_random_seed, random_seed
@@ -66,6 +68,12 @@ class Settings:
     max_pixels: int = 1024 * 1024
     max_body: int = 50 * 1024 * 1024
     max_images: int = MAX_IMAGES_PER_REQUEST
+    lora_dir: Path | None = None  # where <lora:NAME:...> finds NAME; None: loras/ in the weights folder
+    embeddings_dir: Path | None = None  # None: embeddings/ in the weights folder
+
+    def __post_init__(self) -> None:
+        self.lora_dir = self.lora_dir or self.weights_dir / "loras"
+        self.embeddings_dir = self.embeddings_dir or self.weights_dir / "embeddings"
 
 
 class Models:
@@ -74,13 +82,15 @@ class Models:
 
     `selected` is the model of requests that name none (the startup model, or the last one set through
     /options); a request naming another runs with it without changing `selected`, as A1111 restores its
-    settings after such a request. The model stays loaded until a request needs another."""
+    settings after such a request. The model stays loaded until a request needs another; its weights hold
+    the LoRA set of the last request (`active`), replaced by the next request's set without a reload."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.startup = settings.model.resolve()
         self.selected = self.startup
         self.model: StableDiffusion | None = None
+        self.active: ActiveLoras | None = None  # the loaded model's LoRA library and the set in its weights
         self.clip_skip = DEFAULTS.clip_skip
         self._families: dict[Path, Family] = {}
 
@@ -103,19 +113,33 @@ class Models:
             self._families[path] = detect({key: info.shape for key, info in read_header(path).items()})
         return self._families[path]
 
-    def ensure(self, path: Path) -> StableDiffusion:
-        """The loaded model, switched to `path` first when it is another file."""
-        if self.model is not None and self.model.path.resolve() == path:
+    def library(self, path: Path) -> LoraLibrary:
+        """The LoRA library of checkpoint `path`: the loaded model's own (it holds the files read), or a new one."""
+        active = self.active  # read once: the generation thread may switch models meanwhile
+        if active is not None and active.model.path.resolve() == path:
+            return active.library
+        return LoraLibrary(self.settings.lora_dir, path)
+
+    def ensure(self, path: Path, loras: LoraSet | None = None) -> StableDiffusion:
+        """The loaded model, switched to `path` first when it is another file, with the LoRA set `loras` in its
+        weights (None: the set it holds). Raises LoraError, before anything changes, for a LoRA that does not fit."""
+        if self.model is not None and self.active is not None and self.model.path.resolve() == path:
+            if loras is not None:
+                self.active.use(loras)  # only the weights either set changes are read again
+                self.active.library.keep_only(loras)
             return self.model
-        self.model = None  # free the old weights before reading the new ones
+        library = LoraLibrary(self.settings.lora_dir, path)
+        patch = library.patch(loras or ())
+        self.model = self.active = None  # free the old weights before reading the new ones
         if self.settings.device.type == "cuda":
             torch.cuda.empty_cache()
         try:
-            self.model = load_model(path, device=self.settings.device, dtype=self.settings.dtype)
+            self.model = load_model(path, device=self.settings.device, dtype=self.settings.dtype, patch=patch)
         except (MemoryError, RuntimeError) as error:
             if not is_out_of_memory(error):
                 raise
             raise ServerError(f"ran out of memory loading {path.name}", 507) from None
+        self.active = ActiveLoras(library, self.model, loras or ())
         return self.model
 
     def title(self, path: Path, with_hash: bool = True) -> str:
@@ -164,6 +188,8 @@ class Plan:
     batch_size: int
     payload: dict
     command: str
+    loras: LoraSet = ()
+    embeddings: EmbeddingLibrary | None = None
 
 
 class Service:
@@ -195,6 +221,14 @@ class Service:
         model = self.models.find(checkpoint) if isinstance(checkpoint, str) and checkpoint else self.models.selected
         family = self.models.family(model)
         values: dict[str, Any] = {"prompt": payload.prompt, "negative": payload.negative_prompt}
+        # The prompt's <lora:NAME:W> tags, found in the LoRA folder (UsageError, a 422, for a bad tag or name); they
+        # are checked against the model on the generation thread.
+        values["loras"] = ()
+        if not payload.disable_extra_networks:
+            _, values["loras"] = self.models.library(model).resolve(payload.prompt)
+        # Read now, so that an embedding made for another model family is a 422 before the request is queued.
+        embeddings = EmbeddingLibrary(self.settings.embeddings_dir)
+        embeddings.used_in([payload.prompt, payload.negative_prompt], family)
         values["sampler"] = _sampler(payload)
         for key, name in (("steps", "steps"), ("cfg", "cfg_scale"), ("width", "width"), ("height", "height")):
             if getattr(payload, name) is not None:
@@ -224,7 +258,7 @@ class Service:
         parameters = payload.model_dump()
         if command != "txt2img":  # as A1111: the images are not sent back
             parameters.update(init_images=None, mask=None)
-        return Plan(model, planned, payload.batch_size, parameters, command)
+        return Plan(model, planned, payload.batch_size, parameters, command, values["loras"], embeddings)
 
     def _check_size(self, width: int | None, height: int | None, family: Family) -> None:
         width, height = width or family.default_size, height or family.default_size
@@ -280,7 +314,7 @@ class Service:
 
     def generate(self, plan: Plan) -> dict:
         """Run a plan on the generation thread; the A1111 response body."""
-        model = self.models.ensure(plan.model)
+        model = self.models.ensure(plan.model, plan.loras)
         self._check_memory(model, plan)
         report = ProgressReport(xl=model.family.unet.adm_in_channels > 0)
         self.progress = report
@@ -301,7 +335,8 @@ class Service:
 
                 try:
                     for result in run(model, planned, batch_size=plan.batch_size, overwrite=True, on_step=on_step,
-                                      should_stop=stop):  # fmt: skip
+                                      should_stop=stop, use_loras=self.models.active.use,
+                                      embeddings=plan.embeddings):  # fmt: skip
                         if isinstance(result, Written):
                             images.append((result.planned.request, result.path.read_bytes()))
                             report.written(result)
@@ -347,6 +382,21 @@ class Service:
         send = plan.payload.get("send_images", True)
         encoded = [base64.b64encode(data).decode("ascii") for _, data in images] if send else []
         return {"images": encoded, "parameters": plan.payload, "info": json.dumps(info)}
+
+    def embeddings_body(self) -> dict:
+        """A1111's /embeddings answer for the embeddings folder: those the selected model can use, by name, with
+        their width (`shape`) and number of vectors; the others (another family, unreadable) under `skipped`."""
+        family = self.models.family(self.models.selected)
+        unknown = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+        loaded, skipped = {}, {}
+        for name, path in EmbeddingLibrary(self.settings.embeddings_dir).files.items():
+            try:
+                vectors = load_embedding(path, family).vectors[0]
+            except SdcliError:
+                skipped[name] = {**unknown, "shape": None, "vectors": None}
+            else:
+                loaded[name] = {**unknown, "shape": vectors.shape[-1], "vectors": vectors.shape[0]}
+        return {"loaded": loaded, "skipped": skipped}
 
     def progress_body(self, with_image: bool = False) -> dict:
         """A1111's progress answer; with the preview of the image in flight when `with_image`."""

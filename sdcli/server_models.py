@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # script arguments without a script, img2img options of modes sdcli does not offer.
 HARMLESS = (
     "do_not_save_samples", "do_not_save_grid", "save_images", "override_settings_restore_afterwards",
-    "sampler_index", "comments", "force_task_id", "disable_extra_networks", "script_args", "include_init_images",
+    "sampler_index", "comments", "force_task_id", "script_args", "include_init_images",
     "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
     "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
     "hr_additional_modules", "inpaint_full_res_padding", "image_cfg_scale", "refiner_switch_at", "user",
@@ -79,6 +79,7 @@ class Txt2ImgRequest(BaseModel):
     s_noise: float | None = None
     denoising_strength: float | None = None  # txt2img: hires fix only, which sdcli refuses
     send_images: bool = True
+    disable_extra_networks: bool = False  # A1111: the prompt's <lora:...> tags are removed but not applied
     override_settings: dict[str, Any] | None = None
 
 
