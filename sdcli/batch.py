@@ -162,6 +162,8 @@ def job_requests(
         rng=values.get("rng", DEFAULTS.rng),
         original_size=_pair(values.get("original_size"), "x", "--original-size"),
         crop=_pair(values.get("crop"), ",", "--crop") or (0, 0),
+        aesthetic_score=float(values.get("aesthetic_score", DEFAULTS.aesthetic_score)),
+        negative_aesthetic_score=float(values.get("negative_aesthetic_score", DEFAULTS.negative_aesthetic_score)),
     )
     size = (default_size if width is None else width, default_size if height is None else height)
     GenerationRequest(**settings, width=size[0], height=size[1]).validate(family)  # before reading any image
@@ -194,7 +196,7 @@ def infotext_parameters(
 ) -> dict[str, object]:
     """The A1111 infotext key/value line for one image, in A1111's order; `vae`: the file of a VAE override,
     `ti_hashes`: the embeddings the prompts used (see sdcli.embeddings); then what the model `family` adds
-    (beyond SD 1.x: the prediction type used; SDXL: its size conditioning)."""
+    (beyond SD 1.x: the prediction type used; SDXL: its size conditioning; the refiner: its aesthetic scores)."""
     sampler, schedule = sampler_and_schedule_labels(request)
     params: dict[str, object] = {
         "Steps": request.steps,
@@ -224,6 +226,9 @@ def infotext_parameters(
         height, width, top, left, _, _ = request.size_conditioning()
         params["Original size"] = f"{width}x{height}"
         params["Crop"] = f"{left},{top}"
+    if family is not None and family.aesthetic_score:
+        params["Aesthetic score"] = request.aesthetic_score
+        params["Negative aesthetic score"] = request.negative_aesthetic_score
     params["Version"] = f"sdcli {__version__}"
     return params
 

@@ -275,6 +275,22 @@ OriginalSize = Annotated[
     typer.Option("--original-size", help="SDXL: the original image size WxH it conditions on [default: the size]."),
 ]
 Crop = Annotated[str | None, typer.Option("--crop", help="SDXL: the crop's top-left corner X,Y [default: 0,0].")]
+AestheticScore = Annotated[
+    float | None,
+    typer.Option(
+        "--aesthetic-score",
+        help=f"SDXL refiner: the aesthetic score (0-10) it conditions on [default: {DEFAULTS.aesthetic_score:g}].",
+        show_default=False,
+    ),
+]
+NegativeAestheticScore = Annotated[
+    float | None,
+    typer.Option(
+        "--negative-aesthetic-score",
+        help=f"SDXL refiner: the negative prompt's aesthetic score [default: {DEFAULTS.negative_aesthetic_score:g}].",
+        show_default=False,
+    ),
+]
 Device = Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")]
 Dtype = Annotated[
     str, typer.Option(help="auto (fp16 on GPUs, bf16 on CPUs with native bf16, else fp32), fp16, bf16, fp32.")
@@ -380,6 +396,8 @@ def txt2img(
     prediction: PredictionType = None,
     original_size: OriginalSize = None,
     crop: Crop = None,
+    aesthetic_score: AestheticScore = None,
+    negative_aesthetic_score: NegativeAestheticScore = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
@@ -438,6 +456,8 @@ def img2img(
     prediction: PredictionType = None,
     original_size: OriginalSize = None,
     crop: Crop = None,
+    aesthetic_score: AestheticScore = None,
+    negative_aesthetic_score: NegativeAestheticScore = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,
@@ -501,6 +521,8 @@ def inpaint(
     prediction: PredictionType = None,
     original_size: OriginalSize = None,
     crop: Crop = None,
+    aesthetic_score: AestheticScore = None,
+    negative_aesthetic_score: NegativeAestheticScore = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     low_memory: LowMemory = False,

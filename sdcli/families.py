@@ -17,6 +17,7 @@ from sdcli.models.configs import (
     OPENCLIP_BIGG,
     OPENCLIP_H,
     SD2_UNET,
+    SDXL_REFINER_UNET,
     SDXL_UNET,
     ClipConfig,
     OpenClipConfig,
@@ -30,6 +31,7 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x's OpenCLIP ViT-H
 SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_BIGG_PREFIX = "conditioner.embedders.0.model."  # the refiner has bigG alone
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class Family:
     zero_missing_negative: bool = False
     # The VAE overflows in fp16 (SDXL's): it runs in bf16, or fp32 where bf16 is not supported.
     vae_fp16_overflows: bool = False
+    # The label embedding takes an aesthetic score where SDXL base takes the target size (the refiner's).
+    aesthetic_score: bool = False
 
     @property
     def max_clip_skip(self) -> int:
@@ -108,7 +112,14 @@ SDXL = Family(
 )  # fmt: skip
 # SDXL inpainting (e.g. sd_xl_base_1.0_inpainting_0.1): the base model's networks with a 9-channel UNet.
 SDXL_INPAINT = replace(SDXL, name="sdxl-inpaint", unet=replace(SDXL_UNET, in_channels=9))
-FAMILIES = {f.name: f for f in (SD1, SD1_INPAINT, SD2, SD2_V, SD2_INPAINT, SDXL, SDXL_INPAINT)}
+# The SDXL refiner: bigG alone (as in the base), conditioned on original size, crop and an aesthetic score. It
+# encodes a missing negative prompt as "" (Stability's refiner sampling and diffusers' refiner config).
+SDXL_REFINER_BIGG = replace(SDXL_BIGG, prefix=SDXL_REFINER_BIGG_PREFIX)
+SDXL_REFINER = replace(
+    SDXL, name="sdxl-refiner", unet=SDXL_REFINER_UNET, text_encoders=(SDXL_REFINER_BIGG,),
+    zero_missing_negative=False, aesthetic_score=True,
+)  # fmt: skip
+FAMILIES = {f.name: f for f in (SD1, SD1_INPAINT, SD2, SD2_V, SD2_INPAINT, SDXL, SDXL_INPAINT, SDXL_REFINER)}
 
 
 @dataclass(frozen=True)
@@ -167,14 +178,10 @@ FAMILY_TABLE: dict[Signature, Family] = {
     Signature((OPENCLIP_PREFIX,), 9): SD2_INPAINT,
     Signature((SDXL_CLIP_L_PREFIX, SDXL_BIGG_PREFIX), 4, label_emb=True): SDXL,
     Signature((SDXL_CLIP_L_PREFIX, SDXL_BIGG_PREFIX), 9, label_emb=True): SDXL_INPAINT,
+    Signature((SDXL_REFINER_BIGG_PREFIX,), 4, label_emb=True): SDXL_REFINER,
 }
 # Layouts recognised but not loadable: (text encoder prefixes, what to call them and what to do).
 NOT_YET_SUPPORTED = (
-    (
-        ("conditioner.embedders.0.model.",),
-        "an SDXL refiner checkpoint: not supported (sdcli does not load refiners, which have only the OpenCLIP "
-        "bigG text encoder and condition on an aesthetic score); use an SDXL base model or a fine-tune of it",
-    ),
     (
         (SDXL_CLIP_L_PREFIX, SDXL_BIGG_PREFIX),
         "an SDXL checkpoint of a kind sdcli does not load: it loads SDXL base models, their fine-tunes and "

@@ -33,6 +33,8 @@ JOB_FIELDS: dict[str, tuple[type, ...]] = {
     "lora": (str, list),  # FILE[:WEIGHT], or a list of them, as --lora
     "original_size": (str,),  # SDXL: "WxH", as --original-size
     "crop": (str,),  # SDXL: "X,Y", as --crop
+    "aesthetic_score": (int, float),  # SDXL refiner, as --aesthetic-score
+    "negative_aesthetic_score": (int, float),  # SDXL refiner, as --negative-aesthetic-score
     "rng": (str,),  # "cpu" or "cuda", as --rng
 }
 IMAGE_JOB_FIELDS: dict[str, tuple[type, ...]] = {"init": (str,), "mask": (str,), "strength": (int, float)}
@@ -206,6 +208,11 @@ def job_from_png(path: str) -> PngJob:
             values["original_size"] = "x".join(map(str, parse_pair(params["Original size"], "x", "Original size")))
         if "Crop" in params:
             values["crop"] = ",".join(map(str, parse_pair(params["Crop"], ",", "Crop")))
+        # The SDXL refiner's scores, as `infotext_parameters` writes them.
+        if "Aesthetic score" in params:
+            values["aesthetic_score"] = float(params["Aesthetic score"])
+        if "Negative aesthetic score" in params:
+            values["negative_aesthetic_score"] = float(params["Negative aesthetic score"])
     except (ValueError, UsageError) as e:
         raise ImageError(f"{path}: unreadable generation parameters ({e})") from None
     # A1111 reads a missing RNG as its default, GPU; sdcli images made before it wrote RNG used the CPU.

@@ -67,9 +67,16 @@ def encode_negatives(
     return ScheduledConditioning(batches, encoded.step_batch)
 
 
-def add_size_conditioning(cond: ScheduledConditioning, requests: list[GenerationRequest]) -> ScheduledConditioning:
-    """SDXL: the pooled embeddings followed by each image's size embeddings, the UNet's `y`, at every step."""
-    sizes = torch.tensor([r.size_conditioning() for r in requests], dtype=torch.float32)  # (B, 6)
+def add_size_conditioning(
+    cond: ScheduledConditioning, requests: list[GenerationRequest], aesthetic: bool = False, negative: bool = False
+) -> ScheduledConditioning:
+    """SDXL: the pooled embeddings followed by each image's size embeddings, the UNet's `y`, at every step.
+
+    `aesthetic`: the refiner's numbers (sizes and an aesthetic score: the negative one for the `negative`,
+    unconditional branch) instead of the base model's six sizes.
+    """
+    numbers = [r.refiner_conditioning(negative) if aesthetic else r.size_conditioning() for r in requests]
+    sizes = torch.tensor(numbers, dtype=torch.float32)  # (B, 6), or (B, 5) with an aesthetic score
     batches = tuple(TextConditioning(c.context, sdxl_y(c.pooled, sizes.to(c.pooled))) for c in cond.batches)
     return ScheduledConditioning(batches, cond.step_batch)
 
@@ -277,7 +284,9 @@ def generate(
     cond = encode_schedule(model, [r.prompt for r in requests], steps, first.clip_skip, vectors)
     uncond = None if first.cfg <= 1.0 else encode_negatives(model, requests, cond, vectors, steps)
     if model.family.unet.adm_in_channels:
-        cond, uncond = (None if c is None else add_size_conditioning(c, requests) for c in (cond, uncond))
+        aesthetic = model.family.aesthetic_score
+        cond = add_size_conditioning(cond, requests, aesthetic)
+        uncond = None if uncond is None else add_size_conditioning(uncond, requests, aesthetic, negative=True)
     f = model.vae.downscale
     streams = BatchNoise([r.seed for r in requests], [r.rng for r in requests])
     shape = (model.family.unet.out_channels, first.height // f, first.width // f)

@@ -31,6 +31,7 @@ MAX_PIXELS = 4096 * 4096
 MAX_STEPS = 1000
 MAX_CFG = 100.0  # real use stays below 30; larger values only burn the image out
 MAX_MASK_BLUR = 256
+MAX_AESTHETIC_SCORE = 10.0  # the LAION aesthetic predictor's scale, which the SDXL refiner was trained on
 RNG_SOURCES = ("cpu", "cuda")  # whose noise an image draws: torch's CPU generator, or its CUDA one
 
 
@@ -52,6 +53,8 @@ class Defaults:
     resize: str = "crop"
     invert_mask: bool = False
     preview_every: int = 5  # steps between two --preview images
+    aesthetic_score: float = 6.0  # the SDXL refiner's, for the prompt
+    negative_aesthetic_score: float = 2.5  # ... and for the negative prompt
     size: int = 512  # SD 1.x; only where no model family is known (the Python API's dataclass default)
 
     def strength(self, command: str) -> float:
@@ -112,11 +115,21 @@ class GenerationRequest:
     # crop's top-left corner (x, y), as `--original-size WxH` and `--crop X,Y`.
     original_size: tuple[int, int] | None = None
     crop: tuple[int, int] = (0, 0)
+    # The SDXL refiner's aesthetic scores (0 to 10) for the prompt and the negative prompt, as
+    # `--aesthetic-score` and `--negative-aesthetic-score`; defaults as Stability's code, diffusers and A1111.
+    aesthetic_score: float = DEFAULTS.aesthetic_score
+    negative_aesthetic_score: float = DEFAULTS.negative_aesthetic_score
 
     def size_conditioning(self) -> tuple[int, int, int, int, int, int]:
         """SDXL's six numbers: original height and width, crop top and left, target height and width."""
         width, height = self.original_size or (self.width, self.height)
         return (height, width, self.crop[1], self.crop[0], self.height, self.width)
+
+    def refiner_conditioning(self, negative: bool = False) -> tuple[float, float, float, float, float]:
+        """The SDXL refiner's five numbers: original height and width, crop top and left, and the aesthetic
+        score (the negative one for the unconditional branch, which gets the same sizes, as in sgm)."""
+        height, width, top, left, _, _ = self.size_conditioning()
+        return (height, width, top, left, self.negative_aesthetic_score if negative else self.aesthetic_score)
 
     schedule: str | None = None  # a name in schedules.SCHEDULES; None: the sampler's own grid (last: positional use)
 
@@ -148,6 +161,10 @@ class GenerationRequest:
             raise UsageError(f"original size must be WxH with sides from 1 to 65536, got {self.original_size}")
         if not all(0 <= v <= 65536 for v in self.crop):
             raise UsageError(f"crop must be X,Y with 0 <= X, Y <= 65536, got {self.crop}")
+        scores = {"aesthetic score": self.aesthetic_score, "negative aesthetic score": self.negative_aesthetic_score}
+        for name, score in scores.items():
+            if not (math.isfinite(score) and 0.0 <= score <= MAX_AESTHETIC_SCORE):
+                raise UsageError(f"{name} must be a number between 0 and {MAX_AESTHETIC_SCORE:g}, got {score}")
         most_skip = family.max_clip_skip if family is not None else None
         if self.clip_skip < 1 or (most_skip is not None and self.clip_skip > most_skip):
             most = f" and at most {most_skip} (the text encoder's layer count)" if most_skip is not None else ""

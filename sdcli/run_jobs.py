@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 SETTINGS = (
     "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "schedule", "n", "clip_skip",
     "init", "mask", "strength", "mask_blur", "invert_mask", "resize", "rng", "original_size", "crop",
+    "aesthetic_score", "negative_aesthetic_score",
 )  # fmt: skip
 
 

@@ -71,7 +71,7 @@ def open_clip_tower(prefix: str, width: int = 64) -> dict:
     }
 
 
-def test_sd2_and_sdxl_layouts_are_detected_and_the_refiner_is_refused(small_state):
+def test_sd2_sdxl_and_sdxl_refiner_layouts_are_detected(small_state):
     sd1 = shapes_of(small_state)
     without_clip = {k: v for k, v in sd1.items() if not k.startswith(CLIP_PREFIX)}
     sd2 = without_clip | open_clip_tower("cond_stage_model.model.")
@@ -80,12 +80,20 @@ def test_sd2_and_sdxl_layouts_are_detected_and_the_refiner_is_refused(small_stat
     )
     sdxl[UNET_PREFIX + "label_emb.0.0.weight"] = (128, 2816)
     refiner = without_clip | open_clip_tower("conditioner.embedders.0.model.")
+    refiner[UNET_PREFIX + "label_emb.0.0.weight"] = (128, 2560)
     assert detect(sd2).name == "sd2" and detect(sd2).text_encoders[0].config.width == 64
     found = detect(sdxl)
     assert (found.name, found.scale_factor, found.default_size) == ("sdxl", 0.13025, 1024)
     assert [type(s.config).__name__ for s in found.text_encoders] == ["ClipConfig", "OpenClipConfig"]
-    with pytest.raises(CheckpointError, match="SDXL refiner checkpoint: not supported"):
-        detect(refiner)
+    found = detect(refiner)
+    assert (found.name, found.scale_factor, found.zero_missing_negative, found.aesthetic_score) == (
+        "sdxl-refiner", 0.13025, False, True,
+    )  # fmt: skip
+    assert [s.prefix for s in found.text_encoders] == ["conditioner.embedders.0.model."]
+    assert found.unet.adm_in_channels == 2560
+    without_label = {k: v for k, v in refiner.items() if "label_emb" not in k}
+    with pytest.raises(CheckpointError, match="unknown checkpoint layout"):
+        detect(without_label)
     assert measure(sdxl).adm_in_channels == 2816
     assert [t.kind for t in measure(sdxl).text_encoders] == ["clip", "open_clip"]
 

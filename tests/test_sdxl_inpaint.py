@@ -1,5 +1,5 @@
 """SDXL inpainting models (9-channel SDXL UNet, e.g. sd_xl_base_1.0_inpainting_0.1) detected as `sdxl-inpaint`
-and run end to end against diffusers' StableDiffusionXLInpaintPipeline; the SDXL refiner refused in one line.
+and run end to end against diffusers' StableDiffusionXLInpaintPipeline (the SDXL refiner: test_sdxl_refiner).
 
 The reference is set up as in test_sdxl (base-model settings: no aesthetic score, zeros for a missing negative
 prompt), the noise and the comparison as in test_sd2_inpaint.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, tiny_state_dict
+from conftest import run_cli
 from PIL import Image
 from test_img2img import patch_vae_sampling
 from test_inpaint import inpainting_vae_noises
@@ -19,9 +19,8 @@ from test_layout_sd2_sdxl import SDXL_YAML, meta_state_dict, numel, reference_un
 from test_sd2_inpaint import assert_repainted_area_matches, inpaint_cli, write_inputs
 from test_sdxl import TINY_SDXL, reference_scheduler, reference_sdxl_pipeline, write_sdxl
 
-from sdcli.families import SDXL_BIGG, SDXL_INPAINT, UNET_PREFIX, VAE_PREFIX, detect
+from sdcli.families import SDXL_INPAINT, UNET_PREFIX, VAE_PREFIX, detect
 from sdcli.header import read_header
-from sdcli.models.sdxl_size import SIZE_EMBEDDING_DIM
 from sdcli.models.unet import UNetModel
 from sdcli.models.vae import AutoencoderKL
 from sdcli.text_encoders import build_text_encoder
@@ -98,35 +97,12 @@ def test_sdxl_inpainting_model_refuses_txt2img(sdxl_inpaint_file, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-@pytest.fixture(scope="module")
-def refiner_file(tmp_path_factory) -> str:
-    """A tiny SDXL refiner: bigG alone as `conditioner.embedders.0`, and a label embedding for the pooled
-    embedding and five sizes (original size, crop, aesthetic score), as the real one's 2560 = 1280 + 5 * 256."""
-    from safetensors.torch import save_file
-
-    bigg = replace(SDXL_BIGG, prefix="conditioner.embedders.0.model.", config=TINY_SDXL.text_encoders[1].config)
-    adm = bigg.config.projection_dim + 5 * SIZE_EMBEDDING_DIM
-    refiner = replace(TINY_SDXL, unet=replace(TINY_SDXL.unet, adm_in_channels=adm), text_encoders=(bigg,))
-    path = tmp_path_factory.mktemp("refiner") / "tiny-refiner.safetensors"
-    save_file(tiny_state_dict(refiner), str(path))
-    return str(path)
-
-
-def test_sdxl_refiner_is_refused_in_one_line(refiner_file, tmp_path):
-    result = run_cli("txt2img", PROMPT, "-m", refiner_file, "--steps", 1, "-o", tmp_path / "x.png")
-    assert result.exit_code == 1 and not (tmp_path / "x.png").exists()
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: ") and "SDXL refiner checkpoint: not supported" in line
-    assert "use an SDXL base model" in line
-
-
-def test_models_lists_sdxl_inpaint_and_says_why_the_refiner_is_not_loaded(sdxl_inpaint_file, refiner_file, tmp_path):
+def test_models_lists_sdxl_inpaint(sdxl_inpaint_file, tmp_path):
     folder = tmp_path / "weights"
     folder.mkdir()
-    for source in (sdxl_inpaint_file[0], refiner_file):
-        (folder / Path(source).name).symlink_to(source)
+    source = sdxl_inpaint_file[0]
+    (folder / Path(source).name).symlink_to(source)
     result = run_cli("models", "--weights-dir", folder, "--json")
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in map(json.loads, result.stdout.splitlines())}
     assert (rows["tiny-sdxl-inpaint"]["family"], rows["tiny-sdxl-inpaint"]["prediction"]) == ("sdxl-inpaint", "eps")
-    assert rows["tiny-refiner"]["family"] == "unknown" and "SDXL refiner" in rows["tiny-refiner"]["error"]

@@ -1,7 +1,8 @@
 """The networks' frozen configs, and the full-size ones of SD 2.x and SDXL, as data (no torch: detection
 imports this cheaply; `sdcli.families` re-exports the SD 1.x ones).
 
-Numbers from Stability's configs (`v2-inference.yaml`, `sd_xl_base.yaml`) and OpenCLIP's model configs
+Numbers from Stability's configs (`v2-inference.yaml`, `sd_xl_base.yaml`,
+`sd_xl_refiner.yaml`) and OpenCLIP's model configs
 (`ViT-H-14.json`, `ViT-bigG-14.json`); the layout tests check them against the reference conversion.
 """
 
@@ -90,6 +91,17 @@ SDXL_UNET = UNetConfig(
     context_dim=2048,  # CLIP-L's 768 and OpenCLIP-bigG's 1280 side by side
     use_linear_in_transformer=True,
     adm_in_channels=2816,  # the `y` vector: bigG's pooled 1280 + six 256-wide size embeddings
+)
+# sd_xl_refiner.yaml: wider and one level deeper than the base, bigG's context alone.
+SDXL_REFINER_UNET = UNetConfig(
+    model_channels=384,
+    channel_mult=(1, 2, 4, 4),
+    transformer_depth=(0, 4, 4, 0),
+    transformer_depth_middle=4,
+    num_head_channels=64,
+    context_dim=1280,
+    use_linear_in_transformer=True,
+    adm_in_channels=2560,  # bigG's pooled 1280 + five 256-wide embeddings: original size, crop, aesthetic score
 )
 
 
