@@ -6,7 +6,7 @@ default `embeddings/` inside the weights folder (`sdcli.weights.weights_dir`).
 
 File layouts read: A1111's `emb_params` (n, D) or its `string_to_param` table saved as safetensors (one
 tensor), any file holding a single tensor, and SDXL's `clip_l` / `clip_g` pair (one tensor per text
-encoder, in the family's encoder order). Pickles (`.pt`, `.bin`) are refused as pickle checkpoints are.
+encoder; the SDXL refiner takes `clip_g`). Pickles (`.pt`, `.bin`) are refused as pickle checkpoints are.
 A1111 records each embedding used as `name: first 12 hex digits of the file's sha256` under `TI hashes`.
 """
 
@@ -20,12 +20,15 @@ from pathlib import Path
 import torch
 
 from sdcli.errors import CheckpointError
+from sdcli.families import SDXL_REFINER_BIGG_PREFIX
 from sdcli.header import PICKLE_SUFFIXES, read_header
 from sdcli.prompt_chunks import EMBEDDING_PREFIX
 from sdcli.weights import sha256_file, weights_dir
 
 SUFFIX = ".safetensors"
 SDXL_KEYS = ("clip_l", "clip_g")  # kohya's / A1111's SDXL layout, in SDXL's encoder order
+# The SDXL refiner's bigG alone takes an SDXL file's clip_g, as in A1111.
+REFINER_KEYS = ("clip_g",)
 
 
 def default_embeddings_dir() -> Path:
@@ -60,9 +63,11 @@ def load_embedding(path: Path, family) -> Embedding:
     tensors = load_file(str(path))
     count = len(family.text_encoders)
     if all(key in tensors for key in SDXL_KEYS):
-        if count != len(SDXL_KEYS):
+        refiner = [spec.prefix for spec in family.text_encoders] == [SDXL_REFINER_BIGG_PREFIX]
+        keys = SDXL_KEYS if count == len(SDXL_KEYS) else REFINER_KEYS if refiner else None
+        if keys is None:
             raise CheckpointError(f"{path}: an SDXL embedding (clip_l and clip_g), which this model cannot use")
-        chosen = [tensors[key] for key in SDXL_KEYS]
+        chosen = [tensors[key] for key in keys]
     else:
         single = tensors.get("emb_params")
         if single is None and len(tensors) == 1:

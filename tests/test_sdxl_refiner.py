@@ -29,6 +29,7 @@ from test_img2img import patch_vae_sampling, pixels, sdcli_latent_noises
 from test_layout_sd2_sdxl import meta_state_dict, numel, reference_unet_from_yaml
 from test_sdxl import reference_scheduler, reference_unet_text_time
 
+from sdcli.errors import CheckpointError
 from sdcli.families import SDXL_REFINER, SDXL_REFINER_BIGG_PREFIX, UNET_PREFIX, VAE_PREFIX, detect
 from sdcli.header import read_header
 from sdcli.images import read_png_parameters
@@ -262,3 +263,17 @@ def test_models_lists_the_refiner(files, tmp_path):
     assert result.exit_code == 0, result.output
     (row,) = map(json.loads, result.stdout.splitlines())
     assert (row["family"], row["prediction"]) == ("sdxl-refiner", "eps")
+
+
+def test_an_sdxl_embedding_gives_the_refiner_its_clip_g_vectors(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdcli.embeddings import load_embedding
+    from sdcli.families import SD2
+
+    clip_l, clip_g = torch.randn(2, 768), torch.randn(2, 64)
+    save_file({"clip_l": clip_l, "clip_g": clip_g}, str(tmp_path / "xl.safetensors"))
+    (vectors,) = load_embedding(tmp_path / "xl.safetensors", TINY_REFINER).vectors
+    assert torch.equal(vectors, clip_g)
+    with pytest.raises(CheckpointError, match="an SDXL embedding"):
+        load_embedding(tmp_path / "xl.safetensors", SD2)
