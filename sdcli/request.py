@@ -115,10 +115,6 @@ class GenerationRequest:
     # crop's top-left corner (x, y), as `--original-size WxH` and `--crop X,Y`.
     original_size: tuple[int, int] | None = None
     crop: tuple[int, int] = (0, 0)
-    # The SDXL refiner's aesthetic scores (0 to 10) for the prompt and the negative prompt, as
-    # `--aesthetic-score` and `--negative-aesthetic-score`; defaults as Stability's code, diffusers and A1111.
-    aesthetic_score: float = DEFAULTS.aesthetic_score
-    negative_aesthetic_score: float = DEFAULTS.negative_aesthetic_score
 
     def size_conditioning(self) -> tuple[int, int, int, int, int, int]:
         """SDXL's six numbers: original height and width, crop top and left, target height and width."""
@@ -131,7 +127,12 @@ class GenerationRequest:
         height, width, top, left, _, _ = self.size_conditioning()
         return (height, width, top, left, self.negative_aesthetic_score if negative else self.aesthetic_score)
 
-    schedule: str | None = None  # a name in schedules.SCHEDULES; None: the sampler's own grid (last: positional use)
+    # Fields added later come last, so positional construction keeps working.
+    schedule: str | None = None  # a name in schedules.SCHEDULES; None: the sampler's own grid
+    # The SDXL refiner's aesthetic scores (0 to 10) for the prompt and the negative prompt, as
+    # `--aesthetic-score` and `--negative-aesthetic-score`; defaults as Stability's code, diffusers and A1111.
+    aesthetic_score: float = DEFAULTS.aesthetic_score
+    negative_aesthetic_score: float = DEFAULTS.negative_aesthetic_score
 
     def validate(self, family: Family | None = None) -> SamplerSpec:
         """Check the numbers a user typed (and, given the model's `family`, that it can honour them); return
