@@ -45,8 +45,9 @@ def infotext_name(ref: LoraRef) -> str:
 
 def available_loras(directory: Path) -> dict[str, Path]:
     """The LoRAs prompts can name from `directory`, by name: for each stem the .safetensors file `<lora:stem:...>`
-    finds (the shallowest, as LoraLibrary.find)."""
-    files = sorted(directory.rglob("*" + SUFFIXES[0]), key=lambda p: (len(p.parts), str(p)))
+    finds (the shallowest, as LoraLibrary.find; a folder so named is no file and is left out, as there)."""
+    found_files = (path for path in directory.rglob("*" + SUFFIXES[0]) if path.is_file())
+    files = sorted(found_files, key=lambda p: (len(p.parts), str(p)))
     found: dict[str, Path] = {}
     for path in files:
         found.setdefault(path.stem, path)
