@@ -85,7 +85,7 @@ def _generate_command(command: str, opts: dict, group) -> int:
     ensure_writable(p.target.parent for p in planned)
     device, dtype = run_load.device_and_dtype(opts, launch)
     run_load.check_memory(model_path, plan.family, [p.request for p in mine], opts, device, dtype)
-    first_loras = planned[0].request.loras  # the batches run LoRA set by set, the first job's first
+    first_loras = mine[0].request.loras  # the batches run LoRA set by set, that of this process's first image first
     embeddings = check_prompts(opts, plan.family, planned, warn, lambda text: sys.stderr.write(text))
     with report.loading(model_path.name):
         model = run_load.load_run_model(model_path, opts, warn, plan.loras.patch(first_loras), device, dtype)

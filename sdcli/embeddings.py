@@ -82,6 +82,8 @@ def load_embedding(path: Path, family) -> Embedding:
         chosen = [single]
     vectors = []
     for spec, tensor in zip(family.text_encoders, chosen, strict=True):
+        if tensor.ndim == 0 or tensor.numel() == 0:
+            raise CheckpointError(f"{path}: holds no vectors (a tensor of shape {tuple(tensor.shape)}); re-save it")
         tensor = tensor.float().reshape(-1, tensor.shape[-1])  # one vector may be saved as (D,)
         width = _encoder_width(spec)
         if tensor.shape[-1] != width:

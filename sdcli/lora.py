@@ -245,6 +245,11 @@ def load_lora(path: str | Path) -> LoadedLora:
 def _module(path: Path, module: str, kind: str, parts: dict, alpha: torch.Tensor | None, alphas) -> LoraModule:
     if not all(any(option <= parts.keys() for option in factor) for factor in REQUIRED[kind]):
         raise LoraError(f"{path}: module '{module}' is missing tensors (has {', '.join(sorted(parts))})")
+    # Every factor is a matrix or a kernel (DoRA's magnitude, a vector, aside): checked here, as the shape
+    # checks below index their dimensions and a rank of 0 would divide alpha by 0.
+    flat = sorted(role for role, t in parts.items() if role != "magnitude" and (t.ndim < 2 or t.numel() == 0))
+    if flat:
+        raise LoraError(f"{path}: module '{module}' has empty or one-dimensional factors ({', '.join(flat)})")
     lora = LoraModule(kind, parts, None if alpha is None else float(alpha.float().reshape(-1)[0]))
     if alpha is None and kind == "lora":
         lora = LoraModule(kind, parts, alphas(module, lora.rank))

@@ -1,4 +1,5 @@
-"""The LoRAs of a run: names resolved in the LoRA folder, files read once, a patch per set, and switching sets.
+"""The LoRAs of a run: names resolved in the LoRA folder, files read once (again when replaced on disk), a patch
+per set, and switching sets.
 
 A job's LoRA set is a tuple of resolved `LoraRef`s. The model is loaded through the first set's patch;
 when a later batch uses another set, only the weights either set changes (`old.keys | new.keys`) are read
@@ -25,10 +26,21 @@ LoraSet = tuple[LoraRef, ...]
 SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 
 
-@cache
 def lora_hash(path: Path) -> str:
     """A1111's short LoRA hash ("addnet hash", as kohya-ss computes it): the first 12 hex digits of the
-    sha256 of the file after its safetensors header, so editing the metadata keeps the hash."""
+    sha256 of the file after its safetensors header, so editing the metadata keeps the hash. Computed once
+    per version of the file (a file replaced on disk is hashed again)."""
+    return _lora_hash(path, file_stamp(path))
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    """(modification time in ns, size): what changes when a file is replaced or rewritten."""
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@cache
+def _lora_hash(path: Path, stamp: tuple[int, int]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
@@ -45,8 +57,9 @@ def infotext_name(ref: LoraRef) -> str:
 
 def available_loras(directory: Path) -> dict[str, Path]:
     """The LoRAs prompts can name from `directory`, by name: for each stem the .safetensors file `<lora:stem:...>`
-    finds (the shallowest, as LoraLibrary.find)."""
-    files = sorted(directory.rglob("*" + SUFFIXES[0]), key=lambda p: (len(p.parts), str(p)))
+    finds (the shallowest, as LoraLibrary.find; a folder so named is no file and is left out, as there)."""
+    found_files = (path for path in directory.rglob("*" + SUFFIXES[0]) if path.is_file())
+    files = sorted(found_files, key=lambda p: (len(p.parts), str(p)))
     found: dict[str, Path] = {}
     for path in files:
         found.setdefault(path.stem, path)
@@ -73,7 +86,7 @@ class LoraLibrary:
         self.ignore_unknown = ignore_unknown
         self._shapes = {key: info.shape for key, info in read_header(checkpoint).items()}
         self._family = detect(self._shapes)
-        self._files: dict[Path, LoadedLora] = {}
+        self._files: dict[Path, tuple[tuple[int, int], LoadedLora]] = {}  # by path: (its stamp when read, its LoRA)
         self._patches: dict[LoraSet, LoraPatch] = {}
 
     def find(self, name: str) -> Path:
@@ -113,8 +126,26 @@ class LoraLibrary:
 
     def load(self, path: Path) -> LoadedLora:
         if path not in self._files:
-            self._files[path] = load_lora(path)
-        return self._files[path]
+            lora = load_lora(path)  # first: it says in one line what is wrong with a missing or bad file
+            self._files[path] = (file_stamp(path), lora)
+        return self._files[path][1]
+
+    def forget_changed(self, loras: LoraSet) -> bool:
+        """Forget the files of `loras` replaced on disk since they were read, and the patches made from them, so
+        that they are read again; whether any was."""
+        changed = set()
+        for ref in loras:
+            if ref.path in self._files:
+                try:
+                    stamp = file_stamp(ref.path)
+                except OSError:
+                    stamp = None  # gone: reading it again says so
+                if stamp != self._files[ref.path][0]:
+                    changed.add(ref.path)
+        for path in changed:
+            del self._files[path]
+        self._patches = {key: patch for key, patch in self._patches.items() if not changed & {r.path for r in key}}
+        return bool(changed)
 
     def keep_only(self, loras: LoraSet) -> None:
         """Forget the files and patches `loras` does not use (a long-running server would otherwise keep every
@@ -138,18 +169,23 @@ class ActiveLoras:
 
     def __init__(self, library: LoraLibrary, model, loras: LoraSet) -> None:
         self.library, self.model, self.loras = library, model, loras
+        self.keys = _changed_keys(library.patch(loras))  # the weights the set changed when they were read
 
     def use(self, loras: LoraSet) -> None:
         """Make the model's weights those of `loras`: the weights either set changes are read again from the
-        checkpoint through the new set's patch (a weight no set changes is never touched)."""
-        if loras == self.loras:
+        checkpoint through the new set's patch (a weight no set changes is never touched). A LoRA file replaced
+        on disk since it was read is read again, even for the same set, as A1111 reloads a newer file."""
+        if not self.library.forget_changed(loras) and loras == self.loras:
             return
         from sdcli.checkpoint import reload_weights
 
-        old, new = self.library.patch(self.loras), self.library.patch(loras)
-        keys = (old.keys if old else frozenset()) | (new.keys if new else frozenset())
-        reload_weights(self.model, keys, new)
-        self.loras = loras
+        new = self.library.patch(loras)
+        reload_weights(self.model, self.keys | _changed_keys(new), new)
+        self.loras, self.keys = loras, _changed_keys(new)
+
+
+def _changed_keys(patch: LoraPatch | None) -> frozenset[str]:
+    return patch.keys if patch else frozenset()
 
 
 def check_recorded_hashes(loras: LoraSet, recorded: Mapping[str, str], warn: Callable[[str], None]) -> None:

@@ -57,8 +57,8 @@ def test_every_sdxl_module_has_a_lora_alias():
     checkpoint |= {SDXL_CLIP_L_PREFIX + k: v for k, v in clip_l.items()}
     checkpoint |= {SDXL_BIGG_PREFIX + k: v for k, v in bigg.items()}
     assert_every_module_resolves(SDXL, checkpoint, modules)
-    q = lora_aliases(lora_targets(SDXL), checkpoint)["lora_te2_text_model_encoder_layers_31_self_attn_v_proj"]
-    assert (q.key, q.rows) == (SDXL_BIGG_PREFIX + "transformer.resblocks.31.attn.in_proj_weight", (2, 3))
+    v = lora_aliases(lora_targets(SDXL), checkpoint)["lora_te2_text_model_encoder_layers_31_self_attn_v_proj"]
+    assert (v.key, v.rows) == (SDXL_BIGG_PREFIX + "transformer.resblocks.31.attn.in_proj_weight", (2, 3))
 
 
 def test_every_sd2_module_has_a_lora_alias():
