@@ -38,7 +38,7 @@ def _generate_command(command: str, opts: dict, group) -> int:
     from sdcli.outputs import ensure_writable
     from sdcli.progress import progress_report, sampling_steps
     from sdcli.request import is_random_seed
-    from sdcli.run_files import embedding_library
+    from sdcli.run_files import embedding_library, uses_taesd
     from sdcli.run_jobs import read_jobs
     from sdcli.run_plan import find_written, plan_run
     from sdcli.run_prompts import check_prompts
@@ -110,7 +110,7 @@ def _generate_command(command: str, opts: dict, group) -> int:
             for result in run(model, mine, batch_size=opts["batch_size"], overwrite=opts["overwrite"],
                               on_step=on_step, should_stop=stopped, vae_tiling=opts["vae_tiling"],
                               warn=warn, use_loras=loras.use, embeddings=embeddings,
-                              taesd=taesd if opts.get("vae") and plan.vae_file is None else None):  # fmt: skip
+                              taesd=taesd if uses_taesd(opts) else None):  # fmt: skip
                 if isinstance(result, Written):
                     from_model = plan.job_defaults[id(result.planned.job)]
                     record = image_record(result, model_path.stem, model_hash, model.vae_path, from_model)

@@ -57,6 +57,11 @@ def vae_file(opts: dict) -> Path | None:
     return None if choice is None or is_taesd(choice) else Path(choice).expanduser()
 
 
+def uses_taesd(opts: dict) -> bool:
+    """Whether --vae asks for TAESD, which then encodes and decodes in place of the checkpoint's VAE."""
+    return opts.get("vae") is not None and vae_file(opts) is None
+
+
 def check_vae(path: Path) -> None:
     """Refuse a VAE file that cannot be used (SdcliError naming it), reading only its header."""
     from sdcli.checkpoint import vae_file_infos

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdcli.errors import SdcliError
-from sdcli.run_files import vae_file
+from sdcli.run_files import uses_taesd, vae_file
 
 
 def device_and_dtype(opts: dict, launch):
@@ -22,13 +22,17 @@ def device_and_dtype(opts: dict, launch):
 def check_memory(path: Path, family, requests: list, opts: dict, device, dtype) -> None:
     """Refuse, before anything loads, a batch that cannot fit in the device's free memory (where it is known)."""
     from sdcli import tiling
+    from sdcli.families import VAE_PREFIX
     from sdcli.header import read_header
     from sdcli.memory_check import check_fits
 
     free = tiling.available_memory(device)
     if free is not None:
+        infos = read_header(path)
+        if uses_taesd(opts):  # the checkpoint's VAE is never loaded
+            infos = {key: info for key, info in infos.items() if not key.startswith(VAE_PREFIX)}
         check_fits(
-            requests, family, read_header(path), batch_size=opts["batch_size"], device=device, dtype=dtype,
+            requests, family, infos, batch_size=opts["batch_size"], device=device, dtype=dtype,
             free=free, low_memory=opts["low_memory"], vae_tiling=opts["vae_tiling"],
         )  # fmt: skip
 
@@ -45,7 +49,7 @@ def load_run_model(path: Path, opts: dict, warn: Callable[[str], None], patch, d
     vae = vae_file(opts)
     model = load_model(
         path, device=device, dtype=dtype, offload=opts["low_memory"], patch=patch, vae=vae,
-        prediction=opts.get("prediction"), skip_vae=bool(opts.get("vae")) and vae is None,  # TAESD instead
+        prediction=opts.get("prediction"), skip_vae=uses_taesd(opts),
     )  # fmt: skip
     if opts["compile_unet"]:
         compile_unet(model, warn)
@@ -59,9 +63,8 @@ def load_taesd(model, opts: dict, warn: Callable[[str], None]):
     from sdcli.weights import weights_dir
 
     directory = weights_dir(opts["weights_dir"])
-    choice = opts.get("vae")
-    if choice is not None and vae_file(opts) is None:
-        return load_taesd_choice(choice, directory, model.device, model.dtype)
+    if uses_taesd(opts):
+        return load_taesd_choice(opts["vae"], directory, model.device, model.dtype)
     if opts.get("preview") is None or not find_taesd(taesd_name(model.family), directory):
         return None
     try:

@@ -14,6 +14,7 @@ from test_taesd import original_layout
 
 import sdcli.checkpoint
 import sdcli.pipeline
+import sdcli.tiling
 from sdcli.images import from_pil
 from sdcli.model_specs import resolve_spec
 from sdcli.vae_choice import is_taesd
@@ -131,3 +132,19 @@ def test_download_aliases_fetch_diffusers_file_under_a_distinct_name(name):
     spec = resolve_spec(name)
     assert (spec.repo_id, spec.path_in_repo) == (f"madebyollin/{name}", "diffusion_pytorch_model.safetensors")
     assert spec.filename == f"{name}.safetensors"  # what --vae NAME looks for in the weights folder
+
+
+def test_the_memory_check_does_not_count_the_vae_taesd_replaces(
+    tiny_checkpoint, reference_taesd, tmp_path, monkeypatch
+):
+    import sdcli.memory_check
+    from sdcli.families import VAE_PREFIX
+
+    counted = []
+    monkeypatch.setattr(sdcli.memory_check, "check_fits", lambda r, f, infos, **k: counted.append(set(infos)))
+    monkeypatch.setattr(sdcli.tiling, "available_memory", lambda device: 10**12)
+    generate(tiny_checkpoint, tmp_path / "a.png", "--vae", reference_taesd[1])
+    generate(tiny_checkpoint, tmp_path / "b.png")
+    taesd_keys, plain_keys = counted
+    assert not any(k.startswith(VAE_PREFIX) for k in taesd_keys)
+    assert any(k.startswith(VAE_PREFIX) for k in plain_keys) and taesd_keys < plain_keys
